@@ -1,0 +1,1 @@
+//! Control protocol shared by `gpu-agent` and `agentctl`.
