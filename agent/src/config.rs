@@ -103,12 +103,16 @@ impl Default for GpuSection {
 pub enum PolicyMode {
     /// Leave clocks to the driver (never lock).
     Default,
+    /// Lock every GPU of the group at `policy.pin_mhz` while vLLM answers.
+    Pinned,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicySection {
     pub mode: PolicyMode,
+    /// The clock for `mode = "pinned"`, in MHz; must be one the GPU supports.
+    pub pin_mhz: Option<u32>,
     /// Time-to-first-token objective in seconds (mean over a window).
     pub ttft_slo_seconds: f64,
     /// Time-per-output-token (inter-token latency) objective in seconds.
@@ -119,6 +123,7 @@ impl Default for PolicySection {
     fn default() -> Self {
         Self {
             mode: PolicyMode::Default,
+            pin_mhz: None,
             ttft_slo_seconds: 0.5,
             tpot_slo_seconds: 0.05,
         }
@@ -189,6 +194,13 @@ impl Config {
             if !(v > 0.0 && v <= 600.0) {
                 return Err(invalid(field, format!("{v} must be > 0 and <= 600")));
             }
+        }
+        match (self.policy.mode, self.policy.pin_mhz) {
+            (PolicyMode::Pinned, None) => {
+                return Err(invalid("policy.pin_mhz", "mode \"pinned\" needs a clock in MHz"))
+            }
+            (_, Some(0)) => return Err(invalid("policy.pin_mhz", "must be above 0")),
+            _ => {}
         }
         Ok(())
     }
@@ -261,6 +273,9 @@ mod tests {
         assert!(err("[gpu]\nbackend = \"cuda\"\n").contains("line 2"));
         assert!(err("[policy]\nttft_slo_seconds = -1\n").contains("policy.ttft_slo_seconds"));
         assert!(err("[policy]\nmode = \"turbo\"\n").contains("line 2"));
+        assert!(err("[policy]\nmode = \"pinned\"\n").contains("policy.pin_mhz"));
+        let pinned = Config::parse("[policy]\nmode = \"pinned\"\npin_mhz = 1200\n").expect("valid");
+        assert_eq!(pinned.policy.pin_mhz, Some(1200));
     }
 
     #[test]

@@ -1,1 +1,232 @@
-fn main() {}
+//! `gpu-agent`: the daemon, plus one-shot subcommands for operators.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use gpu_agent::config::{Config, GpuBackendKind};
+use gpu_agent::daemon;
+use gpu_agent::gpu::{self, GpuBackend};
+use gpu_agent::vllm;
+
+#[derive(Parser)]
+#[command(name = "gpu-agent", version, about = "Sidecar for vLLM: GPU clock governor, flag tuner and replica advisor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Config file (TOML); see config/agent.toml. SIGHUP re-reads it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address of the HTTP server (/metrics, /healthz, /readyz) [default: 127.0.0.1:9400]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Run on a simulated H100 with an in-process simulated vLLM and a varying load.
+    #[arg(long)]
+    simulate: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print, as JSON, what the agent reads from one vLLM /metrics response.
+    Inspect {
+        /// A saved /metrics response.
+        #[arg(long, value_name = "FILE", conflicts_with = "url", required_unless_present = "url")]
+        metrics_file: Option<PathBuf>,
+        /// A live vLLM metrics endpoint, e.g. http://127.0.0.1:8000/metrics
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
+    /// List the GPUs with their supported clocks and current counters.
+    Gpus {
+        #[command(flatten)]
+        backend: BackendArgs,
+        /// Lock every listed GPU at MHZ, read the clock back, then reset it (needs root).
+        #[arg(long, value_name = "MHZ")]
+        try_lock: Option<u32>,
+    },
+    /// Give the SM clocks of the configured GPUs back to the driver (for ExecStopPost=).
+    ResetClocks {
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
+    /// Check a config file and exit (0 when valid).
+    CheckConfig {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Drive an OpenAI-compatible server (vLLM or vllm-sim) with a load trace and print a
+    /// `vllm bench serve`-style JSON report.
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(Args)]
+struct BackendArgs {
+    /// Config file naming the backend and GPU indices.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Use the simulated GPU instead of NVML.
+    #[arg(long)]
+    simulate: bool,
+}
+
+#[derive(Args)]
+struct LoadgenArgs {
+    /// Base URL of the server, e.g. http://127.0.0.1:8000
+    #[arg(long)]
+    url: String,
+    /// Model name to send.
+    #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
+    model: String,
+    /// CSV trace: seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens
+    #[arg(long, value_name = "FILE")]
+    trace: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gpu-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        None => report(runtime.block_on(async {
+            daemon::run(daemon::Options {
+                config_path: cli.run.config,
+                listen: cli.run.listen,
+                simulate: cli.run.simulate,
+            })
+            .await
+            .map_err(anyhow::Error::from)
+        })),
+        Some(Command::Inspect { metrics_file, url }) => runtime.block_on(inspect(metrics_file, url)),
+        Some(Command::Gpus { backend, try_lock }) => report(gpus(&backend, try_lock)),
+        Some(Command::ResetClocks { backend }) => report(reset_clocks(&backend)),
+        Some(Command::CheckConfig { file }) => report(Config::load(&file).map(|_| println!("{}: ok", file.display())).map_err(Into::into)),
+        Some(Command::Loadgen(args)) => report(runtime.block_on(loadgen(args))),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Prints an error chain on one line and maps it to exit code 1.
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpu-agent: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Exit 2 on malformed input (one line naming the line number), 1 when it cannot be read.
+async fn inspect(file: Option<PathBuf>, url: Option<String>) -> ExitCode {
+    let text = match (file, url) {
+        (Some(path), _) => match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("gpu-agent: cannot read {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        },
+        (None, Some(url)) => match vllm::fetch_text(&url, Duration::from_secs(5)).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("gpu-agent: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        (None, None) => unreachable!("clap requires one of --metrics-file and --url"),
+    };
+    match vllm::inspect_text(&text) {
+        Ok(json) => {
+            println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gpu-agent: malformed metrics: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn backend(args: &BackendArgs) -> anyhow::Result<(Arc<dyn GpuBackend>, Vec<u32>)> {
+    let cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let kind = if args.simulate { GpuBackendKind::Sim } else { cfg.gpu.backend };
+    let indices = cfg.gpu.indices.clone();
+    let backend: Arc<dyn GpuBackend> = match kind {
+        GpuBackendKind::Nvml => {
+            let all: Vec<u32> = if args.config.is_some() { indices.clone() } else { Vec::new() };
+            Arc::new(gpu::nvml::NvmlGpu::open(&all)?)
+        }
+        GpuBackendKind::Sim => Arc::new(gpu::sim::SimGpu::h100(indices.iter().max().map_or(1, |m| m + 1))),
+    };
+    let indices = if args.config.is_some() { indices } else { backend.devices().iter().map(|d| d.index).collect() };
+    Ok((backend, indices))
+}
+
+fn gpus(args: &BackendArgs, try_lock: Option<u32>) -> anyhow::Result<()> {
+    let (backend, indices) = backend(args)?;
+    print!("{}", gpu::list_report(backend.as_ref()));
+    if let Some(mhz) = try_lock {
+        for i in indices {
+            let before = backend.sample(i)?.sm_clock_mhz;
+            let got = backend.lock_sm_clock(i, mhz).with_context(|| format!("locking GPU {i} at {mhz} MHz"));
+            let reset = backend.reset_sm_clock(i);
+            let got = got?;
+            reset.with_context(|| format!("resetting GPU {i}"))?;
+            let after = backend.sample(i)?.sm_clock_mhz;
+            println!("GPU {i}: clock {before} MHz -> locked {mhz} MHz, read back {got} MHz -> reset, now {after} MHz");
+        }
+    }
+    Ok(())
+}
+
+fn reset_clocks(args: &BackendArgs) -> anyhow::Result<()> {
+    let (backend, indices) = backend(args)?;
+    let mut failed = Vec::new();
+    for i in &indices {
+        if let Err(e) = backend.reset_sm_clock(*i) {
+            eprintln!("gpu-agent: GPU {i}: {e}");
+            failed.push(*i);
+        }
+    }
+    if failed.is_empty() {
+        println!("reset SM clocks of GPU {indices:?}");
+        Ok(())
+    } else {
+        anyhow::bail!("could not reset GPU {failed:?}")
+    }
+}
+
+async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.trace).with_context(|| format!("reading {}", args.trace.display()))?;
+    let schedule = gpu_agent::sim::load::Schedule::from_csv(&text).with_context(|| format!("trace {}", args.trace.display()))?;
+    let report = gpu_agent::sim::load::run_http(&args.url, &args.model, &schedule, args.seed, &Default::default()).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

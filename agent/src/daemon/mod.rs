@@ -1,0 +1,418 @@
+//! The daemon: one decision loop per vLLM process. Each cycle scrapes vLLM, reads the GPUs,
+//! decides a clock, applies it and records everything; signals reset clocks or reload config.
+
+pub mod clocks;
+pub mod metrics;
+pub mod routes;
+pub mod simulate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigError, GpuBackendKind, PolicyMode};
+use crate::gpu::{GpuBackend, GpuError, GpuInfo, GpuSample};
+use crate::vllm::{Scraper, Snapshot, Window};
+use clocks::{ClockKeeper, ClockTarget};
+use metrics::AgentMetrics;
+
+/// Consecutive failed scrapes after which clocks go back to the driver.
+pub const VLLM_DOWN_AFTER: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("config field `gpu.indices`: GPU {index} does not exist ({count} GPUs found)")]
+    MissingGpu { index: u32, count: usize },
+    #[error("config field `policy.pin_mhz`: {mhz} MHz is not a supported SM clock of GPU {index} ({min}..{max} MHz in steps)")]
+    BadPin { mhz: u32, index: u32, min: u32, max: u32 },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("simulated vLLM failed to start: {0}")]
+    Simulation(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// How the daemon was started.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Config file; re-read on SIGHUP. None: built-in defaults.
+    pub config_path: Option<PathBuf>,
+    /// `--listen` overrides `agent.listen`.
+    pub listen: Option<SocketAddr>,
+    /// Run on the simulated GPU with an in-process simulated vLLM and load.
+    pub simulate: bool,
+}
+
+/// What the daemon knows right now; read by the HTTP routes (and the control socket).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Status {
+    pub cycles: u64,
+    pub vllm_up: bool,
+    pub vllm_failures: u32,
+    pub vllm_url: String,
+    pub last_error: Option<String>,
+    pub window: Option<Window>,
+    pub gpus: Vec<GpuInfo>,
+    pub samples: Vec<GpuSample>,
+    /// Locked SM clock in MHz, None when the driver manages clocks.
+    pub locked_mhz: Option<u32>,
+    pub mode: String,
+    pub ttft_slo_seconds: f64,
+    pub tpot_slo_seconds: f64,
+    #[serde(skip)]
+    pub last_cycle: Option<Instant>,
+    pub period_seconds: f64,
+}
+
+pub type SharedStatus = Arc<RwLock<Status>>;
+
+/// Runs the daemon until SIGTERM/SIGINT. Clocks are reset on every way out.
+pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    let mut cfg = match &opts.config_path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(addr) = opts.listen {
+        cfg.agent.listen = addr;
+    }
+
+    // The simulation owns the simulated GPU, vLLM and load; it lives as long as the daemon.
+    let (gpu, _sim): (Arc<dyn GpuBackend>, Option<simulate::Simulation>) = if opts.simulate {
+        let sim = simulate::Simulation::start(cfg.gpu.indices.len())
+            .await
+            .map_err(DaemonError::Simulation)?;
+        cfg.gpu.backend = GpuBackendKind::Sim;
+        cfg.gpu.indices = (0..cfg.gpu.indices.len() as u32).collect();
+        cfg.vllm.metrics_url = sim.metrics_url();
+        info!(url = %sim.base_url(), "simulated vLLM serving a built-in varying load");
+        (sim.gpu(), Some(sim))
+    } else {
+        (open_backend(&cfg)?, None)
+    };
+
+    let listener = crate::http::bind(cfg.agent.listen)
+        .await
+        .map_err(|source| DaemonError::Listen { addr: cfg.agent.listen, source })?;
+    let mut agent = Agent::new(cfg.clone(), gpu)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let routes = Arc::new(routes::AgentRoutes::new(agent.metrics.clone(), agent.status.clone()));
+    let server = tokio::spawn(crate::http::serve(listener, routes, stop_rx));
+    let mut signals = signal_channel().map_err(DaemonError::Signals)?;
+    info!(listen = %cfg.agent.listen, vllm = %cfg.vllm.metrics_url, gpu = agent.gpu.kind(), "gpu-agent running");
+
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(cfg.agent.period_seconds));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => agent.cycle().await,
+            sig = signals.recv() => match sig {
+                Some(Signal::Reload) => {
+                    if let Some(path) = &opts.config_path {
+                        match Config::load(path) {
+                            Ok(mut new) => {
+                                if opts.simulate {
+                                    new.gpu = agent.cfg.gpu.clone();
+                                    new.vllm.metrics_url = agent.cfg.vllm.metrics_url.clone();
+                                }
+                                if new.agent.listen != agent.cfg.agent.listen {
+                                    warn!("agent.listen changed: restart the agent to move the HTTP server");
+                                    new.agent.listen = agent.cfg.agent.listen;
+                                }
+                                if new.agent.period_seconds != agent.cfg.agent.period_seconds {
+                                    ticker = tokio::time::interval(Duration::from_secs_f64(new.agent.period_seconds));
+                                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                                }
+                                match agent.reconfigure(new) {
+                                    Ok(()) => info!(path = %path.display(), "config reloaded"),
+                                    Err(e) => error!(error = %e, "config reload rejected; keeping the old config"),
+                                }
+                            }
+                            Err(e) => error!(error = %e, "config reload failed; keeping the old config"),
+                        }
+                    } else {
+                        info!("SIGHUP: no --config file to reload");
+                    }
+                }
+                Some(Signal::Stop) | None => break,
+            }
+        }
+    }
+    info!("shutting down: resetting clocks");
+    if let Err(e) = agent.clocks.reset_all() {
+        error!(error = %e, "could not reset clocks on exit");
+    }
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(())
+}
+
+fn open_backend(cfg: &Config) -> Result<Arc<dyn GpuBackend>, DaemonError> {
+    Ok(match cfg.gpu.backend {
+        GpuBackendKind::Nvml => Arc::new(crate::gpu::nvml::NvmlGpu::open(&cfg.gpu.indices)?),
+        GpuBackendKind::Sim => {
+            let count = cfg.gpu.indices.iter().max().map_or(1, |m| m + 1);
+            Arc::new(crate::gpu::sim::SimGpu::h100(count))
+        }
+    })
+}
+
+/// The decision loop's state: everything one cycle reads and writes.
+pub struct Agent {
+    cfg: Config,
+    gpu: Arc<dyn GpuBackend>,
+    clocks: ClockKeeper,
+    scraper: Scraper,
+    previous: Option<(Instant, Snapshot)>,
+    last_energy: Vec<Option<f64>>,
+    pub metrics: Arc<AgentMetrics>,
+    pub status: SharedStatus,
+}
+
+impl Agent {
+    pub fn new(cfg: Config, gpu: Arc<dyn GpuBackend>) -> Result<Self, DaemonError> {
+        let devices = gpu.devices();
+        let infos = cfg
+            .gpu
+            .indices
+            .iter()
+            .map(|&index| {
+                devices
+                    .iter()
+                    .find(|d| d.index == index)
+                    .cloned()
+                    .ok_or(DaemonError::MissingGpu { index, count: devices.len() })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        check_pin(&cfg, &infos)?;
+        let metrics = Arc::new(AgentMetrics::new());
+        metrics.set_slo(cfg.policy.ttft_slo_seconds, cfg.policy.tpot_slo_seconds);
+        let status = Status {
+            vllm_url: cfg.vllm.metrics_url.clone(),
+            gpus: infos,
+            mode: mode_name(&cfg),
+            ttft_slo_seconds: cfg.policy.ttft_slo_seconds,
+            tpot_slo_seconds: cfg.policy.tpot_slo_seconds,
+            period_seconds: cfg.agent.period_seconds,
+            ..Status::default()
+        };
+        Ok(Self {
+            clocks: ClockKeeper::new(gpu.clone(), cfg.gpu.indices.clone()),
+            scraper: Scraper::new(),
+            previous: None,
+            last_energy: vec![None; cfg.gpu.indices.len()],
+            gpu,
+            metrics,
+            status: Arc::new(RwLock::new(status)),
+            cfg,
+        })
+    }
+
+    /// Takes a reloaded config. GPU settings cannot change without a restart.
+    pub fn reconfigure(&mut self, new: Config) -> Result<(), DaemonError> {
+        if new.gpu != self.cfg.gpu {
+            return Err(DaemonError::Config(ConfigError::Invalid {
+                field: "gpu",
+                msg: "changing GPUs needs a restart".into(),
+            }));
+        }
+        let infos = self.status_read().gpus.clone();
+        check_pin(&new, &infos)?;
+        self.metrics.set_slo(new.policy.ttft_slo_seconds, new.policy.tpot_slo_seconds);
+        if new.vllm.metrics_url != self.cfg.vllm.metrics_url {
+            self.previous = None;
+        }
+        {
+            let mut st = self.status_write();
+            st.vllm_url = new.vllm.metrics_url.clone();
+            st.mode = mode_name(&new);
+            st.ttft_slo_seconds = new.policy.ttft_slo_seconds;
+            st.tpot_slo_seconds = new.policy.tpot_slo_seconds;
+            st.period_seconds = new.agent.period_seconds;
+        }
+        self.cfg = new;
+        Ok(())
+    }
+
+    /// One decision cycle. Never fails: problems are logged, counted and shown in status.
+    pub async fn cycle(&mut self) {
+        let started = Instant::now();
+        let timeout = Duration::from_secs_f64(self.cfg.vllm.timeout_seconds);
+        let scraped = self.scraper.scrape(&self.cfg.vllm.metrics_url, timeout).await;
+        let now = Instant::now();
+
+        let mut window = None;
+        let mut last_error = None;
+        let failures = match scraped {
+            Ok(snap) => {
+                if let Some((at, prev)) = &self.previous {
+                    let w = Window::between(prev, &snap, now.duration_since(*at).as_secs_f64());
+                    self.metrics.record_window(&w);
+                    self.count_slo_violations(&w);
+                    window = Some(w);
+                }
+                self.previous = Some((now, snap));
+                self.metrics.vllm_up.set(1);
+                0
+            }
+            Err(e) => {
+                let failures = self.status_read().vllm_failures + 1;
+                if failures == 1 || failures % 30 == 0 {
+                    warn!(url = %self.cfg.vllm.metrics_url, error = %e, failures, "vLLM did not answer");
+                }
+                self.metrics.vllm_up.set(0);
+                self.metrics.vllm_scrape_errors.inc();
+                last_error = Some(e.to_string());
+                failures
+            }
+        };
+
+        let samples = self.read_gpus();
+        let target = self.decide(failures);
+        if let Err(e) = self.apply(target) {
+            last_error = Some(e.to_string());
+        }
+
+        self.metrics.cycles.inc();
+        self.metrics.cycle_duration.observe(started.elapsed().as_secs_f64());
+        let mut st = self.status_write();
+        st.cycles += 1;
+        st.vllm_up = failures == 0;
+        st.vllm_failures = failures;
+        if window.is_some() || failures > 0 {
+            st.window = window;
+        }
+        st.samples = samples;
+        st.locked_mhz = match self.clocks.applied() {
+            ClockTarget::Default => None,
+            ClockTarget::Locked(m) => Some(m),
+        };
+        st.last_error = last_error;
+        st.last_cycle = Some(Instant::now());
+    }
+
+    /// The fixed policy of this version, with the safety rule on top: once vLLM has not
+    /// answered for [`VLLM_DOWN_AFTER`] cycles, clocks go back to the driver.
+    fn decide(&self, vllm_failures: u32) -> ClockTarget {
+        if vllm_failures >= VLLM_DOWN_AFTER {
+            return ClockTarget::Default;
+        }
+        match (self.cfg.policy.mode, self.cfg.policy.pin_mhz) {
+            (PolicyMode::Pinned, Some(mhz)) => ClockTarget::Locked(mhz),
+            _ => ClockTarget::Default,
+        }
+    }
+
+    fn apply(&mut self, target: ClockTarget) -> Result<(), GpuError> {
+        if target == self.clocks.applied() {
+            return Ok(());
+        }
+        let result = self.clocks.apply(target);
+        match &result {
+            Ok(()) => self.metrics.clock_changes.inc(),
+            Err(_) => {
+                for &i in self.clocks.indices() {
+                    self.metrics.gpu_error(i, "set_clock");
+                }
+            }
+        }
+        let hz = match self.clocks.applied() {
+            ClockTarget::Default => 0.0,
+            ClockTarget::Locked(m) => f64::from(m) * 1e6,
+        };
+        self.metrics.clock_target.set(hz);
+        result
+    }
+
+    fn read_gpus(&mut self) -> Vec<GpuSample> {
+        let mut out = Vec::with_capacity(self.cfg.gpu.indices.len());
+        for (slot, &i) in self.cfg.gpu.indices.iter().enumerate() {
+            match self.gpu.sample(i) {
+                Ok(s) => {
+                    let delta = match self.last_energy[slot] {
+                        // A counter that went backwards (driver reload) restarts the delta.
+                        Some(prev) if s.energy_j >= prev => s.energy_j - prev,
+                        _ => 0.0,
+                    };
+                    self.last_energy[slot] = Some(s.energy_j);
+                    self.metrics.record_gpu(i, &s, delta);
+                    out.push(s);
+                }
+                Err(e) => {
+                    warn!(gpu = i, error = %e, "reading GPU failed");
+                    self.metrics.gpu_error(i, "sample");
+                }
+            }
+        }
+        out
+    }
+
+    fn count_slo_violations(&self, w: &Window) {
+        let checks = [
+            ("ttft", w.ttft.as_ref().and_then(|l| l.mean), self.cfg.policy.ttft_slo_seconds),
+            ("tpot", w.itl.as_ref().and_then(|l| l.mean), self.cfg.policy.tpot_slo_seconds),
+        ];
+        for (kind, value, slo) in checks {
+            if value.is_some_and(|v| v > slo) {
+                self.metrics.slo_violations.with_label_values(&[kind]).inc();
+            }
+        }
+    }
+
+    fn status_read(&self) -> std::sync::RwLockReadGuard<'_, Status> {
+        self.status.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn status_write(&self) -> std::sync::RwLockWriteGuard<'_, Status> {
+        self.status.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn mode_name(cfg: &Config) -> String {
+    match (cfg.policy.mode, cfg.policy.pin_mhz) {
+        (PolicyMode::Pinned, Some(m)) => format!("pinned:{m}"),
+        _ => "default".into(),
+    }
+}
+
+fn check_pin(cfg: &Config, gpus: &[GpuInfo]) -> Result<(), DaemonError> {
+    let (PolicyMode::Pinned, Some(mhz)) = (cfg.policy.mode, cfg.policy.pin_mhz) else {
+        return Ok(());
+    };
+    for g in gpus {
+        if !g.sm_clocks_mhz.contains(&mhz) {
+            return Err(DaemonError::BadPin { mhz, index: g.index, min: g.min_clock(), max: g.max_clock() });
+        }
+    }
+    Ok(())
+}
+
+enum Signal {
+    Stop,
+    Reload,
+}
+
+/// Forwards SIGTERM/SIGINT/SIGHUP (via signal-hook, on its own thread) into the async loop.
+fn signal_channel() -> std::io::Result<mpsc::UnboundedReceiver<Signal>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            let msg = if sig == SIGHUP { Signal::Reload } else { Signal::Stop };
+            if tx.send(msg).is_err() {
+                break;
+            }
+        }
+    })?;
+    Ok(rx)
+}
