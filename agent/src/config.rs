@@ -34,6 +34,7 @@ pub struct Config {
     pub vllm: VllmSection,
     pub gpu: GpuSection,
     pub policy: PolicySection,
+    pub control: ControlSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,6 +69,31 @@ impl Default for VllmSection {
         Self {
             metrics_url: "http://127.0.0.1:8000/metrics".into(),
             timeout_seconds: 0.5,
+        }
+    }
+}
+
+/// Who may do what on the control socket (checked with the peer's SO_PEERCRED).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// Unix socket `agentctl` talks to; created with mode 0660, removed on clean exit.
+    pub socket: PathBuf,
+    /// Users (uids) besides root allowed to change state.
+    pub allow_uids: Vec<u32>,
+    /// Groups (gids) whose members may change state.
+    pub allow_gids: Vec<u32>,
+    /// Whether peers not allowed to change state may still read status (`status`, `watch`).
+    pub others_may_read: bool,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/gpu-agent/agent.sock"),
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+            others_may_read: true,
         }
     }
 }
@@ -194,6 +220,9 @@ impl Config {
             if !(v > 0.0 && v <= 600.0) {
                 return Err(invalid(field, format!("{v} must be > 0 and <= 600")));
             }
+        }
+        if self.control.socket.as_os_str().is_empty() {
+            return Err(invalid("control.socket", "must be a path"));
         }
         match (self.policy.mode, self.policy.pin_mhz) {
             (PolicyMode::Pinned, None) => {
