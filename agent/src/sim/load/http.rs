@@ -67,7 +67,7 @@ pub async fn run_http(
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let limiter = opts.max_concurrency.map(|n| Arc::new(Semaphore::new(n.max(1))));
     let prefix_ids: Arc<Vec<u32>> = {
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f_9e_f1c5);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f9e_f1c5);
         Arc::new((0..opts.shared_prefix_tokens).map(|_| rng.random_range(TOKEN_IDS)).collect())
     };
 
@@ -288,7 +288,7 @@ mod tests {
     #[tokio::test]
     async fn bad_url_is_an_error() {
         let s = Schedule::infinite_rate(1, super::super::LengthDist::Fixed(1), super::super::LengthDist::Fixed(1));
-        let e = run_http("localhost:80", "m", &s, 0, &LoadOptions::default()).await.unwrap_err();
+        let e = run_http("localhost:80", "m", &s, 0, &LoadOptions::default()).await.expect_err("must fail");
         assert!(e.to_string().contains("localhost:80"), "{e}");
     }
 

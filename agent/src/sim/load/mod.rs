@@ -7,3 +7,6 @@ pub mod schedule;
 pub use http::{run_http, LoadError, LoadOptions};
 pub use report::{LoadReport, RequestOutcome, RequestRate, Slo};
 pub use schedule::{Arrival, Arrivals, LengthDist, Pace, Schedule, ScheduleError, Segment};
+
+/// Older name of [`LoadOptions`], kept for callers written against it.
+pub type HttpOptions = LoadOptions;

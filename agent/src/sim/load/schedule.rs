@@ -389,19 +389,19 @@ mod tests {
     fn bad_traces_name_line_and_column() {
         assert_eq!(Schedule::from_csv(""), Err(ScheduleError::MissingHeader));
         assert_eq!(Schedule::from_csv("10,2,512,128\n"), Err(ScheduleError::MissingHeader));
-        let e = Schedule::from_csv("seconds,rps,mean_prompt_tokens,mean_output_tokens\n").unwrap_err();
+        let e = Schedule::from_csv("seconds,rps,mean_prompt_tokens,mean_output_tokens\n").expect_err("must fail");
         assert!(e.to_string().contains("requests_per_second"), "{e}");
         let hdr = "seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens\n";
         assert_eq!(Schedule::from_csv(hdr), Err(ScheduleError::Empty));
-        let e = Schedule::from_csv(&format!("{hdr}10,2,512\n")).unwrap_err();
+        let e = Schedule::from_csv(&format!("{hdr}10,2,512\n")).expect_err("must fail");
         assert_eq!(e, ScheduleError::Columns { line: 2, expected: 4, found: 3 });
-        let e = Schedule::from_csv(&format!("{hdr}10,2,512,128\n10,x,512,128\n")).unwrap_err();
+        let e = Schedule::from_csv(&format!("{hdr}10,2,512,128\n10,x,512,128\n")).expect_err("must fail");
         assert_eq!(e.to_string(), "trace line 3, column `requests_per_second`: `x` is not a number");
-        let e = Schedule::from_csv(&format!("{hdr}10,2,0,128\n")).unwrap_err();
+        let e = Schedule::from_csv(&format!("{hdr}10,2,0,128\n")).expect_err("must fail");
         assert!(matches!(e, ScheduleError::Value { line: 2, column: "mean_prompt_tokens", .. }), "{e}");
-        let e = Schedule::from_csv(&format!("{hdr}-1,2,5,128\n")).unwrap_err();
+        let e = Schedule::from_csv(&format!("{hdr}-1,2,5,128\n")).expect_err("must fail");
         assert!(matches!(e, ScheduleError::Value { line: 2, column: "seconds", .. }), "{e}");
-        let e = Schedule::from_csv(&format!("{hdr}1,inf,5,128\n")).unwrap_err();
+        let e = Schedule::from_csv(&format!("{hdr}1,inf,5,128\n")).expect_err("must fail");
         assert!(matches!(e, ScheduleError::Value { line: 2, column: "requests_per_second", .. }), "{e}");
     }
 
