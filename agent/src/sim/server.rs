@@ -255,6 +255,11 @@ async fn drive_engine(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) 
         match stepped {
             Some((report, now)) => {
                 let due = shared.epoch + Duration::from_secs_f64(now.max(0.0));
+                if due <= Instant::now() {
+                    // Behind the wall clock (or a zero-length step): catch up, but let other
+                    // tasks run between steps.
+                    tokio::task::yield_now().await;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep_until(due.into()) => {}
                     _ = shutdown.changed() => break,
