@@ -3,6 +3,8 @@
 pub mod config;
 pub mod daemon;
 pub mod gpu;
+pub mod governor;
 pub mod http;
 pub mod sim;
+pub mod store;
 pub mod vllm;
