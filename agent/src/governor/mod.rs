@@ -15,7 +15,7 @@
 //! of permanent pruning, a sensible coarse range instead of the whole 345..1980 span, a sweep
 //! that stops at the knee, and forgetting instead of resets on workload shifts.
 
-// pub mod agft;
+pub mod agft;
 // pub mod bench;
 pub mod context;
 pub mod linucb;
