@@ -3,6 +3,8 @@
 pub mod nvml;
 pub mod sim;
 
+pub use nvml::list_report;
+
 use serde::Serialize;
 
 /// Errors from a GPU backend. Messages are one line and say what to do.
