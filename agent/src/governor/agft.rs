@@ -128,10 +128,10 @@ impl Agft {
             w.prefix_hit_ratio.unwrap_or(0.0) * 100.0,
         ];
         self.n += 1;
-        for i in 0..FEATURES {
-            let d = x[i] - self.mean[i];
-            self.mean[i] += d / self.n as f64;
-            self.m2[i] += d * (x[i] - self.mean[i]);
+        for ((xi, m), m2) in x.iter().zip(self.mean.iter_mut()).zip(self.m2.iter_mut()) {
+            let d = xi - *m;
+            *m += d / self.n as f64;
+            *m2 += d * (xi - *m);
         }
         DVector::from_fn(FEATURES, |i, _| {
             let sd = if self.n > 1 { (self.m2[i] / (self.n - 1) as f64).sqrt() } else { 0.0 };
@@ -250,7 +250,7 @@ impl Agft {
                     None => counts.push((*m, 1)),
                 }
             }
-            counts.sort_by(|a, b| b.1.cmp(&a.1));
+            counts.sort_by_key(|c| std::cmp::Reverse(c.1));
             let top3: usize = counts.iter().take(3).map(|c| c.1).sum();
             if top3 >= 60 {
                 self.converged = true;

@@ -267,3 +267,25 @@ fn debug_trace() {
         println!("{i} {:?} {:?} r={:?} conv={}", d.target, d.phase, d.reward.map(|r| (r * 1000.0).round() / 1000.0), d.converged);
     }
 }
+
+/// Time per decision (context, update, choice) on the synthetic load; run with
+/// `cargo test --release -p gpu-agent --lib decide_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn decide_timing() {
+    let mut g = Governor::new(GovernorConfig::default(), &h100_clocks(), None);
+    let mut env = Synthetic::new(11);
+    let mut applied = ClockTarget::Default;
+    let mut times = Vec::new();
+    for _ in 0..2000 {
+        let (w, e) = env.window(applied);
+        let t = std::time::Instant::now();
+        let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied });
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        applied = d.target;
+    }
+    times.sort_by(f64::total_cmp);
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    println!("decide(): mean {mean:.2} us, p50 {:.2} us, p99 {:.2} us, max {:.2} us", times[1000], times[1980], times[1999]);
+    assert!(mean < 50.0);
+}
