@@ -126,7 +126,8 @@ fn main() -> ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 /// Prints an error chain on one line and maps it to exit code 1.
@@ -150,7 +151,7 @@ async fn inspect(file: Option<PathBuf>, url: Option<String>) -> ExitCode {
                 return ExitCode::from(1);
             }
         },
-        (None, Some(url)) => match vllm::fetch_text(&url, Duration::from_secs(5)).await {
+        (None, Some(url)) => match vllm::Scraper::new().fetch_text(&url, Duration::from_secs(5)).await {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("gpu-agent: {e}");
@@ -183,7 +184,7 @@ fn backend(args: &BackendArgs) -> anyhow::Result<(Arc<dyn GpuBackend>, Vec<u32>)
             let all: Vec<u32> = if args.config.is_some() { indices.clone() } else { Vec::new() };
             Arc::new(gpu::nvml::NvmlGpu::open(&all)?)
         }
-        GpuBackendKind::Sim => Arc::new(gpu::sim::SimGpu::h100(indices.iter().max().map_or(1, |m| m + 1))),
+        GpuBackendKind::Sim => Arc::new(gpu::sim::SimGpu::free_running(indices.iter().max().map_or(1, |m| m + 1))),
     };
     let indices = if args.config.is_some() { indices } else { backend.devices().iter().map(|d| d.index).collect() };
     Ok((backend, indices))

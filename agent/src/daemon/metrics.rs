@@ -157,16 +157,19 @@ impl AgentMetrics {
     /// Records one vLLM window. Quantities the window lacks keep their last value rather than
     /// dropping to 0, which a dashboard would read as "no load".
     pub fn record_window(&self, w: &Window) {
-        self.vllm_running.set(w.num_requests_running);
-        self.vllm_waiting.set(w.num_requests_waiting);
-        if let Some(kv) = w.kv_cache_usage {
-            self.vllm_kv_usage.set(kv);
-        }
-        self.vllm_request_rate.set(w.request_rate);
-        self.vllm_prompt_rate.set(w.prompt_tokens_rate);
-        self.vllm_generation_rate.set(w.generation_tokens_rate);
-        if let Some(hit) = w.prefix_hit_ratio {
-            self.vllm_prefix_hit.set(hit);
+        let gauges = [
+            (&self.vllm_running, w.num_requests_running),
+            (&self.vllm_waiting, w.num_requests_waiting),
+            (&self.vllm_kv_usage, w.kv_cache_usage),
+            (&self.vllm_request_rate, w.request_rate),
+            (&self.vllm_prompt_rate, w.prompt_tokens_rate),
+            (&self.vllm_generation_rate, w.generation_tokens_rate),
+            (&self.vllm_prefix_hit, w.prefix_hit_ratio),
+        ];
+        for (gauge, value) in gauges {
+            if let Some(v) = value {
+                gauge.set(v);
+            }
         }
         for (kind, lat) in [("ttft", &w.ttft), ("itl", &w.itl), ("e2e", &w.e2e)] {
             let Some(lat) = lat else { continue };

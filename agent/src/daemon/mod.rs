@@ -161,7 +161,7 @@ fn open_backend(cfg: &Config) -> Result<Arc<dyn GpuBackend>, DaemonError> {
         GpuBackendKind::Nvml => Arc::new(crate::gpu::nvml::NvmlGpu::open(&cfg.gpu.indices)?),
         GpuBackendKind::Sim => {
             let count = cfg.gpu.indices.iter().max().map_or(1, |m| m + 1);
-            Arc::new(crate::gpu::sim::SimGpu::h100(count))
+            Arc::new(crate::gpu::sim::SimGpu::free_running(count))
         }
     })
 }
@@ -276,11 +276,12 @@ impl Agent {
             }
         };
 
-        let samples = self.read_gpus();
         let target = self.decide(failures);
         if let Err(e) = self.apply(target) {
             last_error = Some(e.to_string());
         }
+        // Read after applying, so the status shows the clock this cycle chose.
+        let samples = self.read_gpus();
 
         self.metrics.cycles.inc();
         self.metrics.cycle_duration.observe(started.elapsed().as_secs_f64());

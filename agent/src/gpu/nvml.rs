@@ -81,7 +81,6 @@ fn throttle_names(r: ThrottleReasons) -> Vec<String> {
     let table = [
         (ThrottleReasons::GPU_IDLE, "gpu_idle"),
         (ThrottleReasons::APPLICATIONS_CLOCKS_SETTING, "applications_clocks_setting"),
-        (ThrottleReasons::USER_DEFINED_CLOCKS, "user_defined_clocks"),
         (ThrottleReasons::SW_POWER_CAP, "sw_power_cap"),
         (ThrottleReasons::HW_SLOWDOWN, "hw_slowdown"),
         (ThrottleReasons::SYNC_BOOST, "sync_boost"),

@@ -235,6 +235,8 @@ struct State {
     last_watts: f64,
     busy_share: f64,
     fault: Fault,
+    /// Free-running GPUs (no engine drives them) idle along the wall clock from here.
+    wall: Option<std::time::Instant>,
 }
 
 /// `count` simulated H100s of one tensor-parallel group: they share one clock and each does
@@ -256,8 +258,17 @@ impl SimGpu {
                 last_watts: PowerModel::h100().idle_watts(MAX_MHZ),
                 busy_share: 0.0,
                 fault: Fault::None,
+                wall: None,
             }),
         }
+    }
+
+    /// GPUs that no simulated engine drives (e.g. `backend = "sim"` next to a separate
+    /// `vllm-sim`): they idle in wall-clock time, so their energy counter advances.
+    pub fn free_running(count: u32) -> SimGpu {
+        let g = SimGpu::h100(count);
+        g.state().wall = Some(std::time::Instant::now());
+        g
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -344,8 +355,17 @@ impl GpuBackend for SimGpu {
     }
 
     fn sample(&self, index: u32) -> Result<GpuSample, GpuError> {
-        let st = self.state();
+        let mut st = self.state();
         self.check(index, &st, Fault::ReadFails)?;
+        if let Some(since) = st.wall {
+            let w = PowerModel::h100().idle_watts(st.locked.unwrap_or(MAX_MHZ));
+            let dt = since.elapsed().as_secs_f64();
+            for e in &mut st.energy_j {
+                *e += w * dt;
+            }
+            st.wall = Some(std::time::Instant::now());
+            st.last_watts = w;
+        }
         let clock = st.locked.unwrap_or(MAX_MHZ);
         let mut throttle = Vec::new();
         if st.last_watts >= POWER_CAP_W - 0.5 {
@@ -484,6 +504,14 @@ mod tests {
         assert!(matches!(g.sample(2), Err(GpuError::NoSuchGpu { .. })));
         g.reset_sm_clock(0).expect("reset");
         assert_eq!(g.clock_mhz(), 1980);
+    }
+
+    #[test]
+    fn free_running_gpu_idles_in_wall_time() {
+        let g = SimGpu::free_running(1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let e = g.sample(0).expect("sample").energy_j;
+        assert!(e >= 0.02 * 120.0 && e < 5.0 * 120.0, "{e}");
     }
 
     #[test]

@@ -610,7 +610,7 @@ impl Engine {
         let labels = format!("engine=\"0\",model_name=\"{}\"", self.cfg.model_name);
         let st = self.stats();
         let mut o = String::with_capacity(16 * 1024);
-        let mut scalar = |o: &mut String, name: &str, kind: &str, help: &str, v: f64| {
+        let scalar = |o: &mut String, name: &str, kind: &str, help: &str, v: f64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {}", py(v));
         };
         scalar(&mut o, "vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", f64::from(st.running));
