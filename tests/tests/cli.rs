@@ -122,3 +122,17 @@ fn nvml_without_a_driver_fails_with_a_clear_message() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn vllm_sim_refuses_to_start_when_memory_does_not_fit() {
+    let run = |args: &[&str]| Command::new(bin("vllm-sim")).args(args).env("RUST_LOG", "warn").output().expect("run vllm-sim");
+    let port = e2e_tests::free_port().to_string();
+    let out = run(&["--host", "127.0.0.1", "--port", &port, "--gpu-memory-utilization", "0.999"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("less than desired GPU memory utilization"), "{err}");
+    let out = run(&["--host", "127.0.0.1", "--port", &port, "--gpu-memory-utilization", "0.2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("No available memory for the cache blocks"), "{}", stderr(&out));
+    assert_eq!(run(&["--max-num-seqs", "lots"]).status.code(), Some(2), "usage error");
+}

@@ -285,8 +285,13 @@ impl Agent {
 
         self.metrics.cycles.inc();
         self.metrics.cycle_duration.observe(started.elapsed().as_secs_f64());
+        let cycles = self.status_read().cycles + 1;
+        let every = (SUMMARY_EVERY_S / self.cfg.agent.period_seconds).round().max(1.0) as u64;
+        if cycles % every == 0 {
+            summarise(window.as_ref(), &samples, self.clocks.applied());
+        }
         let mut st = self.status_write();
-        st.cycles += 1;
+        st.cycles = cycles;
         st.vllm_up = failures == 0;
         st.vllm_failures = failures;
         if window.is_some() || failures > 0 {
@@ -376,6 +381,36 @@ impl Agent {
     fn status_write(&self) -> std::sync::RwLockWriteGuard<'_, Status> {
         self.status.write().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Seconds between the one-line summaries in the log.
+const SUMMARY_EVERY_S: f64 = 10.0;
+
+/// One log line an operator (or a newcomer running `--simulate`) can read at a glance.
+fn summarise(w: Option<&Window>, samples: &[GpuSample], clock: ClockTarget) {
+    let ms = |l: &Option<crate::vllm::Latency>| {
+        l.as_ref().and_then(|l| l.p50).map_or("-".to_string(), |v| format!("{:.0} ms", v * 1e3))
+    };
+    let vllm = match w {
+        Some(w) => format!(
+            "{:.1} req/s, {:.0} tok/s out, running {}, waiting {}, KV {:.0}%, TTFT p50 {}, ITL p50 {}",
+            w.request_rate.unwrap_or(0.0),
+            w.generation_tokens_rate.unwrap_or(0.0),
+            w.num_requests_running.unwrap_or(0.0),
+            w.num_requests_waiting.unwrap_or(0.0),
+            w.kv_cache_usage.unwrap_or(0.0) * 100.0,
+            ms(&w.ttft),
+            ms(&w.itl)
+        ),
+        None => "no window".into(),
+    };
+    let gpus: Vec<String> =
+        samples.iter().map(|s| format!("{} MHz {:.0} W", s.sm_clock_mhz, s.power_w)).collect();
+    let clock = match clock {
+        ClockTarget::Default => "driver".to_string(),
+        ClockTarget::Locked(m) => format!("locked {m} MHz"),
+    };
+    info!("vLLM: {vllm} | GPU: {} | clock {clock}", gpus.join(", "));
 }
 
 fn mode_name(cfg: &Config) -> String {
