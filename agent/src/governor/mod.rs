@@ -16,7 +16,7 @@
 //! that stops at the knee, and forgetting instead of resets on workload shifts.
 
 pub mod agft;
-// pub mod bench;
+pub mod bench;
 pub mod context;
 pub mod linucb;
 pub mod prune;
@@ -148,7 +148,8 @@ pub struct GovernorConfig {
     pub fallback_windows: u32,
     /// Decisions the violating clock and those below it stay banned.
     pub ban_decisions: u64,
-    /// Minimum seconds between two clock changes (safety jumps excepted).
+    /// Minimum seconds between two clock changes (safety jumps excepted). 1.9 holds each clock
+    /// for two 1 s windows: one window's EDP is too noisy (Poisson load) to judge a clock by.
     pub min_change_interval_s: f64,
     /// Relearn when short- and long-term workload features drift this far apart (z units).
     pub shift_threshold: f64,
@@ -184,8 +185,8 @@ impl Default for GovernorConfig {
             hysteresis: 0.03,
             fallback_windows: 2,
             ban_decisions: 30,
-            min_change_interval_s: 1.0,
-            shift_threshold: 1.5,
+            min_change_interval_s: 1.9,
+            shift_threshold: 3.0,
             relearn_edp_rise: 0.3,
             relearn_keep: 0.5,
             baseline_windows: 3,
@@ -203,6 +204,9 @@ impl Default for GovernorConfig {
         }
     }
 }
+
+/// Dimension of the shared model: the context plus clock and clock squared.
+const SHARED_DIM: usize = DIM + 2;
 
 /// One cycle's input.
 #[derive(Debug, Clone, Copy)]
@@ -245,6 +249,7 @@ pub struct ArmState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GovernorState {
     pub arms: Vec<ArmState>,
+    pub shared: LinUcbState,
     pub context: ContextBuilder,
     pub baseline_edp: Option<f64>,
     pub decisions: u64,
@@ -276,6 +281,10 @@ pub struct Governor {
     /// Supported clocks, ascending.
     clocks: Vec<u32>,
     arms: Vec<Arm>,
+    /// Reward model shared by all arms: context plus a quadratic in the clock. It pools every
+    /// window, so the load's effect and the broad shape of reward versus clock are learnt from
+    /// all arms at once; each arm's own model learns only what this one gets wrong for it.
+    shared: LinUcb,
     ctx: ContextBuilder,
     baseline_edp: Option<f64>,
     baseline_samples: Vec<f64>,
@@ -324,6 +333,7 @@ impl Governor {
             cfg,
             clocks,
             arms: Vec::new(),
+            shared: LinUcb::new(SHARED_DIM, 1.0),
             baseline_edp: None,
             baseline_samples: Vec::new(),
             pending: None,
@@ -405,6 +415,7 @@ impl Governor {
             return Err("no arms".into());
         }
         arms.sort_by_key(Arm::mhz);
+        self.shared = LinUcb::from_state(&s.shared, SHARED_DIM).map_err(|e| e.to_string())?;
         self.arms = arms;
         self.ctx = s.context;
         self.baseline_edp = s.baseline_edp.filter(|b| b.is_finite() && *b > 0.0);
@@ -459,6 +470,7 @@ impl Governor {
                 .iter()
                 .map(|a| ArmState { stats: a.stats.clone(), model: a.model.state(), coarse: a.coarse })
                 .collect(),
+            shared: self.shared.state(),
             context: self.ctx.clone(),
             baseline_edp: self.baseline_edp,
             decisions: self.decisions,
@@ -470,6 +482,7 @@ impl Governor {
     /// Forgets everything learnt (models, baseline, normaliser); keeps mode and SLOs.
     pub fn reset_model(&mut self) {
         self.arms = self.coarse_arms();
+        self.shared = LinUcb::new(SHARED_DIM, 1.0);
         self.ctx = ContextBuilder::new(self.cfg.normaliser_horizon);
         self.baseline_edp = None;
         self.baseline_samples.clear();
@@ -564,7 +577,10 @@ impl Governor {
                 _ => None,
             };
             if let Some((a, cx)) = learn {
-                self.arms[a].model.update(&cx, r);
+                let phi = self.shared_features(&cx, self.arms[a].mhz());
+                let base = self.shared.predict(&phi);
+                self.shared.update(&phi, r);
+                self.arms[a].model.update(&cx, r - base);
                 self.arms[a].stats.record(r, Some(e / b));
                 d.reward = Some(r);
                 self.after_learning(a, r, e / b, slo_violated);
@@ -624,7 +640,7 @@ impl Governor {
         if self.converged {
             let rise = self.converged_edp.is_some_and(|c| edp_ratio > c * (1.0 + self.cfg.relearn_edp_rise));
             self.edp_rise_streak = if rise { self.edp_rise_streak + 1 } else { 0 };
-            if self.edp_rise_streak >= 3 {
+            if self.edp_rise_streak >= 5 {
                 self.relearn("EDP rose at the exploited clock");
             }
         }
@@ -689,6 +705,7 @@ impl Governor {
 
     fn relearn(&mut self, why: &str) {
         info!(why, "relearning");
+        self.shared.forget(self.cfg.relearn_keep);
         for a in &mut self.arms {
             a.model.forget(self.cfg.relearn_keep);
             a.stats.pruned = None;
@@ -826,7 +843,7 @@ impl Governor {
             return (i, Phase::Explore);
         }
         let alpha = self.alpha();
-        let score = |i: usize| self.arms[i].model.ucb(x, alpha);
+        let score = |i: usize| self.shared.predict(&self.shared_features(x, self.arms[i].mhz())) + self.arms[i].model.ucb(x, alpha);
         let mut pick = candidates.iter().copied().max_by(|&a, &b| score(a).total_cmp(&score(b))).unwrap_or(self.arms.len() - 1);
         if self.converged {
             if let Some(cur) = self.last_target.and_then(|t| self.arm_of(t)).filter(|c| candidates.contains(c)) {
@@ -838,6 +855,20 @@ impl Governor {
         } else {
             (pick, Phase::Explore)
         }
+    }
+
+    /// Features of the shared model: the context, then the clock's offset from the middle of
+    /// the explored range (scaled to about [-1, 1]) and its square.
+    fn shared_features(&self, x: &DVector<f64>, mhz: u32) -> DVector<f64> {
+        let max = f64::from(self.max_clock().unwrap_or(1).max(1));
+        let lo = self.cfg.min_share_of_max.clamp(0.0, 0.99);
+        let mid = (1.0 + lo) / 2.0;
+        let du = (f64::from(mhz) / max - mid) / ((1.0 - lo) / 2.0);
+        let mut v = DVector::zeros(SHARED_DIM);
+        v.rows_mut(0, DIM).copy_from(x);
+        v[DIM] = du;
+        v[DIM + 1] = du * du;
+        v
     }
 
     /// Holds the applied clock if the last change was too recent (raising to the maximum, the
