@@ -256,18 +256,6 @@ fn modes_parse_from_strings() {
     assert_eq!(Mode::Pinned(990).to_string(), "pinned:990");
 }
 
-#[test]
-#[ignore]
-fn debug_trace() {
-    let cfg = GovernorConfig { mode: Mode::Edp, ..GovernorConfig::default() };
-    let mut g = Governor::new(cfg, &h100_clocks(), None);
-    let mut env = Synthetic::new(1);
-    let ds = run(&mut g, &mut env, 150);
-    for (i, d) in ds.iter().enumerate() {
-        println!("{i} {:?} {:?} r={:?} conv={}", d.target, d.phase, d.reward.map(|r| (r * 1000.0).round() / 1000.0), d.converged);
-    }
-}
-
 /// Time per decision (context, update, choice) on the synthetic load; run with
 /// `cargo test --release -p gpu-agent --lib decide_timing -- --ignored --nocapture`.
 #[test]
