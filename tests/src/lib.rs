@@ -14,7 +14,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is not built: run the tests with `cargo test --workspace`",
+        "{} is not built: run the tests with `cargo test --workspace` (the packages' own integration tests make cargo build their binaries first)",
         path.display()
     );
     path
