@@ -44,6 +44,8 @@ pub struct AgentSection {
     pub listen: SocketAddr,
     /// Seconds between decisions.
     pub period_seconds: f64,
+    /// Where the governor keeps what it learnt (a sled database inside this directory).
+    pub state_dir: PathBuf,
 }
 
 impl Default for AgentSection {
@@ -51,6 +53,7 @@ impl Default for AgentSection {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
             period_seconds: 1.0,
+            state_dir: PathBuf::from("/var/lib/gpu-agent"),
         }
     }
 }
@@ -127,7 +130,13 @@ impl Default for GpuSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyMode {
-    /// Leave clocks to the driver (never lock).
+    /// The governor minimises energy-delay per token while both SLOs hold.
+    Slo,
+    /// The governor minimises energy-delay per token, ignoring the SLOs.
+    Edp,
+    /// The governor learns from every window but never touches clocks.
+    Observe,
+    /// Leave clocks to the driver; the governor is not consulted.
     Default,
     /// Lock every GPU of the group at `policy.pin_mhz` while vLLM answers.
     Pinned,
@@ -148,7 +157,7 @@ pub struct PolicySection {
 impl Default for PolicySection {
     fn default() -> Self {
         Self {
-            mode: PolicyMode::Default,
+            mode: PolicyMode::Slo,
             pin_mhz: None,
             ttft_slo_seconds: 0.5,
             tpot_slo_seconds: 0.05,

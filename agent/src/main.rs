@@ -34,6 +34,9 @@ struct RunArgs {
     /// Run on a simulated H100 with an in-process simulated vLLM and a varying load.
     #[arg(long)]
     simulate: bool,
+    /// Forget what the clock governor learnt for this GPU and vLLM model, and learn afresh.
+    #[arg(long)]
+    reset_model: bool,
 }
 
 #[derive(Subcommand)]
@@ -65,6 +68,9 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Replay a workload trace on the simulated H100 and vLLM, faster than real time, under a
+    /// clock policy, and print energy, latency and EDP figures.
+    Bench(BenchArgs),
     /// Drive an OpenAI-compatible server (vLLM or vllm-sim) with a load trace and print a
     /// `vllm bench serve`-style JSON report.
     Loadgen(LoadgenArgs),
@@ -78,6 +84,27 @@ struct BackendArgs {
     /// Use the simulated GPU instead of NVML.
     #[arg(long)]
     simulate: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// CSV trace: seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens
+    #[arg(long, value_name = "FILE")]
+    trace: PathBuf,
+    /// default | static:MHZ | oracle | agft | governor
+    #[arg(long, default_value = "governor")]
+    policy: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Mean time-to-first-token objective, seconds.
+    #[arg(long, default_value_t = 0.5)]
+    ttft_slo: f64,
+    /// Mean time-per-output-token objective, seconds.
+    #[arg(long, default_value_t = 0.05)]
+    tpot_slo: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -111,6 +138,7 @@ fn main() -> ExitCode {
                 config_path: cli.run.config,
                 listen: cli.run.listen,
                 simulate: cli.run.simulate,
+                reset_model: cli.run.reset_model,
             })
             .await
             .map_err(anyhow::Error::from)
@@ -120,6 +148,7 @@ fn main() -> ExitCode {
         Some(Command::ResetClocks { backend }) => report(reset_clocks(&backend)),
         Some(Command::CheckConfig { file }) => report(Config::load(&file).map(|_| println!("{}: ok", file.display())).map_err(Into::into)),
         Some(Command::Loadgen(args)) => report(runtime.block_on(loadgen(args))),
+        Some(Command::Bench(args)) => report(bench(&args)),
     }
 }
 
@@ -229,5 +258,24 @@ async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     let schedule = gpu_agent::sim::load::Schedule::from_csv(&text).with_context(|| format!("trace {}", args.trace.display()))?;
     let report = gpu_agent::sim::load::run_http(&args.url, &args.model, &schedule, args.seed, &Default::default()).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    use gpu_agent::governor::bench::{run_bench, BenchOptions, BenchPolicy};
+    let trace = gpu_agent::governor::trace::Trace::load(&args.trace)?;
+    let policy: BenchPolicy = args.policy.parse().map_err(|e| anyhow::anyhow!("--policy: {e}"))?;
+    let opts = BenchOptions { ttft_slo_s: args.ttft_slo, tpot_slo_s: args.tpot_slo, seed: args.seed, ..BenchOptions::default() };
+    let r = run_bench(&trace, policy, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let v = serde_json::to_value(&r)?;
+        if let Some(map) = v.as_object() {
+            for (k, v) in map {
+                println!("{k:<24} {v}");
+            }
+        }
+    }
     Ok(())
 }

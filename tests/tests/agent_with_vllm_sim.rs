@@ -23,9 +23,10 @@ fn start_agent(dir: &tempfile::TempDir, vllm: SocketAddr, policy: &str) -> (Proc
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nlisten = \"127.0.0.1:{port}\"\nperiod_seconds = 0.25\n\
+            "[agent]\nlisten = \"127.0.0.1:{port}\"\nperiod_seconds = 0.25\nstate_dir = \"{state}\"\n\
              [vllm]\nmetrics_url = \"http://{vllm}/metrics\"\ntimeout_seconds = 0.2\n\
-             [gpu]\nbackend = \"sim\"\nindices = [0]\n{policy}"
+             [gpu]\nbackend = \"sim\"\nindices = [0]\n{policy}",
+            state = dir.path().join("state").display()
         ),
     )
     .expect("write config");
@@ -98,7 +99,9 @@ fn pinned_clock_goes_back_to_default_when_vllm_stops_answering() {
     wait_for(Duration::from_secs(5), "the pinned clock", || {
         (agent_metric(addr, "gpu_agent_clock_target_hertz", &[])? == 1200e6).then_some(())
     });
-    assert_eq!(agent_metric(addr, "gpu_agent_gpu_sm_clock_hertz", &[("gpu", "0")]), Some(1200e6));
+    wait_for(Duration::from_secs(3), "the GPU reading the pinned clock", || {
+        (agent_metric(addr, "gpu_agent_gpu_sm_clock_hertz", &[("gpu", "0")])? == 1200e6).then_some(())
+    });
 
     drop(vllm); // killed
     // Two failed cycles of 0.25 s (+ scrape timeouts): well within 3 s.

@@ -7,14 +7,7 @@ use tracing::{info, warn};
 
 use crate::gpu::{GpuBackend, GpuError};
 
-/// What the agent asks of the SM clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClockTarget {
-    /// Driver-managed clocks (nothing locked).
-    Default,
-    /// Locked at this many MHz on every GPU of the group.
-    Locked(u32),
-}
+pub use crate::governor::ClockTarget;
 
 /// Owns the clock state of a GPU group (all GPUs of a tensor-parallel vLLM get the same clock).
 pub struct ClockKeeper {
@@ -113,9 +106,7 @@ mod tests {
             }
             assert_eq!(keeper.applied(), ClockTarget::Locked(1200));
         }
-        for i in 0..2 {
-            assert_eq!(backend.sample(i).expect("sample").sm_clock_mhz, 1980);
-        }
+        assert_eq!(gpu.clock_mhz(), 1980, "dropping the keeper gave the clocks back to the driver");
     }
 
     #[test]
@@ -124,6 +115,6 @@ mod tests {
         let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
         assert!(keeper.apply(ClockTarget::Locked(1001)).is_err(), "1001 is no supported clock");
         assert_eq!(keeper.applied(), ClockTarget::Default);
-        assert_eq!(gpu.sample(0).expect("sample").sm_clock_mhz, 1980);
+        assert_eq!(gpu.clock_mhz(), 1980, "driver-managed: boosts to the maximum under work");
     }
 }

@@ -6,7 +6,18 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::governor::{Decision, Phase};
 use crate::gpu::GpuSample;
+
+/// Every phase, so the phase gauge always has the full set of series.
+const PHASES: [&str; 6] = [
+    Phase::Explore.as_str(),
+    Phase::Exploit.as_str(),
+    Phase::Fallback.as_str(),
+    Phase::Idle.as_str(),
+    Phase::Observe.as_str(),
+    Phase::Pinned.as_str(),
+];
 use crate::vllm::Window;
 
 /// Every metric the agent exports, registered in one registry.
@@ -35,6 +46,11 @@ pub struct AgentMetrics {
     pub clock_changes: IntCounter,
     slo: GaugeVec,
     pub slo_violations: IntCounterVec,
+    decisions: IntCounter,
+    phase: GaugeVec,
+    reward: Gauge,
+    edp: Gauge,
+    converged: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -137,6 +153,20 @@ impl AgentMetrics {
                 r,
                 IntCounterVec::new(opts("slo_violations_total", "Windows whose mean latency broke an objective."), &["kind"])
             ),
+            decisions: reg!(r, IntCounter::with_opts(opts("governor_decisions_total", "Decisions the clock governor made."))),
+            phase: reg!(
+                r,
+                GaugeVec::new(opts("governor_phase", "1 for the governor's current phase, 0 for the others."), &["phase"])
+            ),
+            reward: reg!(r, Gauge::with_opts(opts("governor_reward", "Reward the governor learnt from the last window."))),
+            edp: reg!(
+                r,
+                Gauge::with_opts(opts(
+                    "governor_edp_joule_seconds_per_token",
+                    "Energy per generated token times mean time per output token, last window."
+                ))
+            ),
+            converged: reg!(r, IntGauge::with_opts(opts("governor_converged", "1 once the governor has settled on a clock."))),
             registry: r,
         }
     }
@@ -196,6 +226,21 @@ impl AgentMetrics {
         }
         self.gpu_util.with_label_values(&g).set(f64::from(s.gpu_util_pct) / 100.0);
         self.gpu_temp.with_label_values(&g).set(f64::from(s.temperature_c));
+    }
+
+    /// Records one governor decision.
+    pub fn record_decision(&self, d: &Decision) {
+        self.decisions.inc();
+        for p in PHASES {
+            self.phase.with_label_values(&[p]).set(if p == d.phase.as_str() { 1.0 } else { 0.0 });
+        }
+        if let Some(r) = d.reward {
+            self.reward.set(r);
+        }
+        if let Some(e) = d.edp_per_token {
+            self.edp.set(e);
+        }
+        self.converged.set(i64::from(d.converged));
     }
 
     pub fn gpu_error(&self, index: u32, op: &str) {

@@ -2,6 +2,7 @@
 //! decides a clock, applies it and records everything; signals reset clocks or reload config.
 
 pub mod clocks;
+pub mod governing;
 pub mod metrics;
 pub mod routes;
 pub mod simulate;
@@ -16,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, GpuBackendKind, PolicyMode};
+use crate::governor::Decision;
 use crate::gpu::{GpuBackend, GpuError, GpuInfo, GpuSample};
 use crate::vllm::{Scraper, Snapshot, Window};
 use clocks::{ClockKeeper, ClockTarget};
@@ -51,6 +53,8 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// Run on the simulated GPU with an in-process simulated vLLM and load.
     pub simulate: bool,
+    /// Forget the governor's stored state for this GPU and vLLM model and learn afresh.
+    pub reset_model: bool,
 }
 
 /// What the daemon knows right now; read by the HTTP routes (and the control socket).
@@ -67,6 +71,9 @@ pub struct Status {
     /// Locked SM clock in MHz, None when the driver manages clocks.
     pub locked_mhz: Option<u32>,
     pub mode: String,
+    /// The governor's phase (explore, exploit, fallback, ...), once it has decided.
+    pub phase: Option<String>,
+    pub decision: Option<Decision>,
     pub ttft_slo_seconds: f64,
     pub tpot_slo_seconds: f64,
     #[serde(skip)]
@@ -94,6 +101,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         cfg.gpu.backend = GpuBackendKind::Sim;
         cfg.gpu.indices = (0..cfg.gpu.indices.len() as u32).collect();
         cfg.vllm.metrics_url = sim.metrics_url();
+        if opts.config_path.is_none() {
+            // No root needed to try it: keep the simulated GPU's learning in the temp dir.
+            cfg.agent.state_dir = std::env::temp_dir().join("gpu-agent-simulate");
+        }
         info!(url = %sim.base_url(), "simulated vLLM serving a built-in varying load");
         (sim.gpu(), Some(sim))
     } else {
@@ -104,6 +115,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         .await
         .map_err(|source| DaemonError::Listen { addr: cfg.agent.listen, source })?;
     let mut agent = Agent::new(cfg.clone(), gpu)?;
+    if opts.reset_model {
+        agent.steering.reset_on_start();
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let routes = Arc::new(routes::AgentRoutes::new(agent.metrics.clone(), agent.status.clone()));
     let server = tokio::spawn(crate::http::serve(listener, routes, stop_rx));
@@ -147,6 +161,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             }
         }
     }
+    agent.steering.save();
     info!("shutting down: resetting clocks");
     if let Err(e) = agent.clocks.reset_all() {
         error!(error = %e, "could not reset clocks on exit");
@@ -174,6 +189,7 @@ pub struct Agent {
     scraper: Scraper,
     previous: Option<(Instant, Snapshot)>,
     last_energy: Vec<Option<f64>>,
+    steering: governing::Steering,
     pub metrics: Arc<AgentMetrics>,
     pub status: SharedStatus,
 }
@@ -198,14 +214,20 @@ impl Agent {
         metrics.set_slo(cfg.policy.ttft_slo_seconds, cfg.policy.tpot_slo_seconds);
         let status = Status {
             vllm_url: cfg.vllm.metrics_url.clone(),
-            gpus: infos,
+            gpus: infos.clone(),
             mode: mode_name(&cfg),
             ttft_slo_seconds: cfg.policy.ttft_slo_seconds,
             tpot_slo_seconds: cfg.policy.tpot_slo_seconds,
             period_seconds: cfg.agent.period_seconds,
             ..Status::default()
         };
+        // One clock for the whole group: only clocks every GPU supports.
+        let mut clocks = infos.first().map(|g| g.sm_clocks_mhz.clone()).unwrap_or_default();
+        clocks.retain(|c| infos.iter().all(|g| g.sm_clocks_mhz.contains(c)));
+        let gpu_model = infos.first().map(|g| g.name.clone()).unwrap_or_default();
+        let steering = governing::Steering::new(clocks, gpu_model, &cfg.agent.state_dir, cfg.policy.clone());
         Ok(Self {
+            steering,
             clocks: ClockKeeper::new(gpu.clone(), cfg.gpu.indices.clone()),
             scraper: Scraper::new(),
             previous: None,
@@ -228,6 +250,7 @@ impl Agent {
         let infos = self.status_read().gpus.clone();
         check_pin(&new, &infos)?;
         self.metrics.set_slo(new.policy.ttft_slo_seconds, new.policy.tpot_slo_seconds);
+        self.steering.set_policy(new.policy.clone());
         if new.vllm.metrics_url != self.cfg.vllm.metrics_url {
             self.previous = None;
         }
@@ -249,15 +272,20 @@ impl Agent {
         let timeout = Duration::from_secs_f64(self.cfg.vllm.timeout_seconds);
         let scraped = self.scraper.scrape(&self.cfg.vllm.metrics_url, timeout).await;
         let now = Instant::now();
+        // GPU counters at the same edge as the vLLM window, so its energy matches it.
+        let (samples, energy_j) = self.read_gpus();
 
         let mut window = None;
         let mut last_error = None;
+        let mut decision = None;
         let failures = match scraped {
             Ok(snap) => {
                 if let Some((at, prev)) = &self.previous {
                     let w = Window::between(prev, &snap, now.duration_since(*at).as_secs_f64());
                     self.metrics.record_window(&w);
                     self.count_slo_violations(&w);
+                    let model = snap.model_names.first().map_or("unknown", String::as_str);
+                    decision = self.steering.decide(model, &w, energy_j, self.clocks.applied());
                     window = Some(w);
                 }
                 self.previous = Some((now, snap));
@@ -276,12 +304,13 @@ impl Agent {
             }
         };
 
-        let target = self.decide(failures);
+        if let Some(d) = &decision {
+            self.metrics.record_decision(d);
+        }
+        let target = self.decide(failures, decision.as_ref());
         if let Err(e) = self.apply(target) {
             last_error = Some(e.to_string());
         }
-        // Read after applying, so the status shows the clock this cycle chose.
-        let samples = self.read_gpus();
 
         self.metrics.cycles.inc();
         self.metrics.cycle_duration.observe(started.elapsed().as_secs_f64());
@@ -297,6 +326,10 @@ impl Agent {
         if window.is_some() || failures > 0 {
             st.window = window;
         }
+        if let Some(d) = decision {
+            st.phase = Some(d.phase.as_str().to_string());
+            st.decision = Some(d);
+        }
         st.samples = samples;
         st.locked_mhz = match self.clocks.applied() {
             ClockTarget::Default => None,
@@ -306,15 +339,22 @@ impl Agent {
         st.last_cycle = Some(Instant::now());
     }
 
-    /// The fixed policy of this version, with the safety rule on top: once vLLM has not
-    /// answered for [`VLLM_DOWN_AFTER`] cycles, clocks go back to the driver.
-    fn decide(&self, vllm_failures: u32) -> ClockTarget {
+    /// The clock for this cycle. Safety first: once vLLM has not answered for
+    /// [`VLLM_DOWN_AFTER`] cycles, clocks go back to the driver; a single miss keeps the
+    /// current clock. Otherwise the governor's choice, or the fixed policy.
+    fn decide(&self, vllm_failures: u32, decision: Option<&Decision>) -> ClockTarget {
         if vllm_failures >= VLLM_DOWN_AFTER {
             return ClockTarget::Default;
         }
-        match (self.cfg.policy.mode, self.cfg.policy.pin_mhz) {
-            (PolicyMode::Pinned, Some(mhz)) => ClockTarget::Locked(mhz),
-            _ => ClockTarget::Default,
+        if vllm_failures > 0 {
+            return self.clocks.applied();
+        }
+        match (self.cfg.policy.mode, self.cfg.policy.pin_mhz, decision) {
+            (PolicyMode::Default, _, _) => ClockTarget::Default,
+            (PolicyMode::Pinned, Some(mhz), _) => ClockTarget::Locked(mhz),
+            (_, _, Some(d)) => d.target,
+            // No window yet (first scrape): keep what is applied.
+            _ => self.clocks.applied(),
         }
     }
 
@@ -339,8 +379,11 @@ impl Agent {
         result
     }
 
-    fn read_gpus(&mut self) -> Vec<GpuSample> {
+    /// Samples every GPU of the group; also returns the energy the group used since the last
+    /// reading (summed over GPUs).
+    fn read_gpus(&mut self) -> (Vec<GpuSample>, f64) {
         let mut out = Vec::with_capacity(self.cfg.gpu.indices.len());
+        let mut energy = 0.0;
         for (slot, &i) in self.cfg.gpu.indices.iter().enumerate() {
             match self.gpu.sample(i) {
                 Ok(s) => {
@@ -350,6 +393,7 @@ impl Agent {
                         _ => 0.0,
                     };
                     self.last_energy[slot] = Some(s.energy_j);
+                    energy += delta;
                     self.metrics.record_gpu(i, &s, delta);
                     out.push(s);
                 }
@@ -359,7 +403,7 @@ impl Agent {
                 }
             }
         }
-        out
+        (out, energy)
     }
 
     fn count_slo_violations(&self, w: &Window) {
@@ -416,7 +460,10 @@ fn summarise(w: Option<&Window>, samples: &[GpuSample], clock: ClockTarget) {
 fn mode_name(cfg: &Config) -> String {
     match (cfg.policy.mode, cfg.policy.pin_mhz) {
         (PolicyMode::Pinned, Some(m)) => format!("pinned:{m}"),
-        _ => "default".into(),
+        (PolicyMode::Pinned, None) | (PolicyMode::Default, _) => "default".into(),
+        (PolicyMode::Slo, _) => "slo".into(),
+        (PolicyMode::Edp, _) => "edp".into(),
+        (PolicyMode::Observe, _) => "observe".into(),
     }
 }
 

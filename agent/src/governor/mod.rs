@@ -104,7 +104,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn as_str(&self) -> &'static str {
+    pub const fn as_str(&self) -> &'static str {
         match self {
             Phase::Explore => "explore",
             Phase::Exploit => "exploit",

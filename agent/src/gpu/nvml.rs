@@ -198,6 +198,6 @@ mod tests {
         let sim = crate::gpu::sim::SimGpu::h100(1);
         let r = list_report(&sim);
         assert!(r.contains("110 supported, 345..1980 MHz"), "{r}");
-        assert!(r.contains("SM 1980 MHz"), "{r}");
+        assert!(r.contains("SM 345 MHz"), "an idle, unlocked GPU sits at its lowest clock: {r}");
     }
 }

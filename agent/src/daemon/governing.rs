@@ -1,0 +1,140 @@
+//! Runs the clock governor inside the daemon: builds it once the vLLM model is known, restores
+//! and saves what it learnt (per GPU model and vLLM model) and maps the config's mode onto it.
+
+use std::path::Path;
+
+use tracing::{info, warn};
+
+use crate::config::{PolicyMode, PolicySection};
+use crate::governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation};
+use crate::store::Store;
+use crate::vllm::Window;
+
+/// Decisions between two saves of the governor's state.
+const SAVE_EVERY: u64 = 30;
+
+pub struct Steering {
+    clocks_mhz: Vec<u32>,
+    gpu_model: String,
+    vllm_model: Option<String>,
+    governor: Option<Governor>,
+    store: Option<Store>,
+    policy: PolicySection,
+    /// `--reset-model`: drop the stored state of the first model seen instead of restoring it.
+    reset_pending: bool,
+}
+
+impl Steering {
+    /// Opens the store in `state_dir`; without one the governor still runs, unpersisted.
+    pub fn new(clocks_mhz: Vec<u32>, gpu_model: String, state_dir: &Path, policy: PolicySection) -> Steering {
+        let store = match std::fs::create_dir_all(state_dir).map_err(|e| e.to_string()).and_then(|()| {
+            Store::open(&state_dir.join("governor.sled")).map_err(|e| e.to_string())
+        }) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(dir = %state_dir.display(), error = %e, "no state store: the governor will not remember what it learns");
+                None
+            }
+        };
+        Steering { clocks_mhz, gpu_model, vllm_model: None, governor: None, store, policy, reset_pending: false }
+    }
+
+    /// The governor's mode for the config's policy, None when the governor is not consulted.
+    pub fn mode(policy: &PolicySection) -> Option<Mode> {
+        match policy.mode {
+            PolicyMode::Slo => Some(Mode::Slo),
+            PolicyMode::Edp => Some(Mode::Edp),
+            PolicyMode::Observe => Some(Mode::Observe),
+            PolicyMode::Pinned => policy.pin_mhz.map(Mode::Pinned),
+            PolicyMode::Default => None,
+        }
+    }
+
+    pub fn set_policy(&mut self, policy: PolicySection) {
+        if let Some(g) = &mut self.governor {
+            if let Some(mode) = Self::mode(&policy) {
+                g.set_mode(mode);
+            }
+            g.set_slo(policy.ttft_slo_seconds, policy.tpot_slo_seconds);
+        }
+        self.policy = policy;
+    }
+
+    pub fn governor(&self) -> Option<&Governor> {
+        self.governor.as_ref()
+    }
+
+    /// Builds the governor for `model` (restoring its state), or rebuilds it when vLLM now
+    /// serves another model.
+    fn ensure(&mut self, model: &str) {
+        if self.vllm_model.as_deref() == Some(model) && self.governor.is_some() {
+            return;
+        }
+        self.save();
+        if std::mem::take(&mut self.reset_pending) {
+            match self.forget_stored(model) {
+                Ok(found) => info!(model, found, "--reset-model: stored governor state dropped"),
+                Err(e) => warn!(error = %e, "--reset-model: could not drop the stored state"),
+            }
+        }
+        let restored = self.store.as_ref().and_then(|s| match s.load(&self.gpu_model, model) {
+            Ok(state) => state,
+            Err(e) => {
+                warn!(error = %e, "stored governor state unreadable; starting afresh");
+                None
+            }
+        });
+        let cfg = GovernorConfig {
+            mode: Self::mode(&self.policy).unwrap_or(Mode::Observe),
+            ..GovernorConfig::default()
+        };
+        let mut g = Governor::new(cfg, &self.clocks_mhz, restored);
+        g.set_slo(self.policy.ttft_slo_seconds, self.policy.tpot_slo_seconds);
+        info!(gpu = %self.gpu_model, model, decisions = g.decisions(), "clock governor ready");
+        self.governor = Some(g);
+        self.vllm_model = Some(model.to_string());
+    }
+
+    /// One decision from one window. None when the policy leaves clocks to the driver.
+    pub fn decide(&mut self, model: &str, window: &Window, energy_j: f64, applied: ClockTarget) -> Option<Decision> {
+        Self::mode(&self.policy)?;
+        self.ensure(model);
+        let g = self.governor.as_mut()?;
+        let d = g.decide(&Observation { window, energy_j, seconds: window.seconds, applied });
+        if g.decisions() % SAVE_EVERY == 0 {
+            self.save();
+        }
+        Some(d)
+    }
+
+    /// Forgets what was learnt for the current models, in memory and in the store.
+    pub fn reset_model(&mut self) -> Result<(), String> {
+        if let Some(g) = &mut self.governor {
+            g.reset_model();
+        }
+        match (&self.store, &self.vllm_model) {
+            (Some(s), Some(m)) => s.remove(&self.gpu_model, m).map(|_| ()).map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes the governor start from nothing instead of its stored state (`--reset-model`).
+    pub fn reset_on_start(&mut self) {
+        self.reset_pending = true;
+    }
+
+    fn forget_stored(&self, model: &str) -> Result<bool, String> {
+        match &self.store {
+            Some(s) => s.remove(&self.gpu_model, model).map_err(|e| e.to_string()),
+            None => Ok(false),
+        }
+    }
+
+    pub fn save(&self) {
+        if let (Some(store), Some(g), Some(model)) = (&self.store, &self.governor, &self.vllm_model) {
+            if let Err(e) = store.save(&self.gpu_model, model, &g.state()) {
+                warn!(error = %e, "saving the governor state failed");
+            }
+        }
+    }
+}
