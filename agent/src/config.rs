@@ -82,6 +82,8 @@ impl Default for VllmSection {
 pub struct ControlSection {
     /// Unix socket `agentctl` talks to; created with mode 0660, removed on clean exit.
     pub socket: PathBuf,
+    /// Whether root may always change state (set false to require it on the allow-lists too).
+    pub allow_root: bool,
     /// Users (uids) besides root allowed to change state.
     pub allow_uids: Vec<u32>,
     /// Groups (gids) whose members may change state.
@@ -94,6 +96,7 @@ impl Default for ControlSection {
     fn default() -> Self {
         Self {
             socket: PathBuf::from("/run/gpu-agent/agent.sock"),
+            allow_root: true,
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             others_may_read: true,

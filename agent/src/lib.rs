@@ -1,6 +1,7 @@
 //! gpu-agent: a sidecar for vLLM that governs GPU clocks, tunes server flags and advises replicas.
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod gpu;
 pub mod governor;

@@ -34,6 +34,9 @@ struct RunArgs {
     /// Run on a simulated H100 with an in-process simulated vLLM and a varying load.
     #[arg(long)]
     simulate: bool,
+    /// Control socket for agentctl [default: /run/gpu-agent/agent.sock]
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
     /// Forget what the clock governor learnt for this GPU and vLLM model, and learn afresh.
     #[arg(long)]
     reset_model: bool,
@@ -139,6 +142,7 @@ fn main() -> ExitCode {
                 listen: cli.run.listen,
                 simulate: cli.run.simulate,
                 reset_model: cli.run.reset_model,
+                socket: cli.run.socket,
             })
             .await
             .map_err(anyhow::Error::from)

@@ -1,1 +1,354 @@
-//! Control protocol shared by `gpu-agent` and `agentctl`.
+//! The control protocol between `gpu-agent` and `agentctl`, and a small blocking client.
+//!
+//! Frames are a 4-byte big-endian length followed by a bincode 2 (serde) body, at most
+//! [`MAX_FRAME`] bytes. A connection starts with a [`Hello`] from the client, answered with a
+//! [`Welcome`] or an error when the protocol versions differ; then requests and responses
+//! alternate.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame body either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+pub const DEFAULT_SOCKET: &str = "/run/gpu-agent/agent.sock";
+
+/// The first frame a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub client: String,
+}
+
+/// The agent's answer to a compatible [`Hello`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub version: u32,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// The governor keeps the latency objectives.
+    Slo,
+    /// The governor ignores the objectives.
+    Edp,
+    /// The governor learns but never changes clocks.
+    Observe,
+    /// Clocks left to the driver.
+    Default,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "slo" => Ok(Mode::Slo),
+            "edp" => Ok(Mode::Edp),
+            "observe" => Ok(Mode::Observe),
+            "default" => Ok(Mode::Default),
+            other => Err(format!("unknown mode {other:?}: expected slo, edp, observe or default")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ModelCmd {
+    /// Forget what the governor learnt for this GPU and vLLM model.
+    Reset,
+    /// Write the learnt state to a file (path as seen by the agent).
+    Export(PathBuf),
+    /// Load learnt state from a file written by `Export`.
+    Import(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    Status,
+    SetMode(Mode),
+    Pin(u32),
+    Unpin,
+    SetSlo { ttft_s: Option<f64>, tpot_s: Option<f64> },
+    Model(ModelCmd),
+    Reload,
+    /// Trial launcher commands (`agentctl tune ...`).
+    Tune(Vec<String>),
+    /// Replica advice (`agentctl advice`).
+    Advice,
+}
+
+impl Request {
+    /// Whether the request changes the agent's state (and so needs write access).
+    pub fn changes_state(&self) -> bool {
+        !matches!(self, Request::Status | Request::Advice)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The peer may not do this.
+    Refused,
+    /// The agent tried and could not.
+    Failed,
+    /// The request made no sense (bad value, undecodable frame).
+    BadRequest,
+    /// Protocol versions differ.
+    Version,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Ok(String),
+    Status(Box<StatusReport>),
+    Error { kind: ErrorKind, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuStatus {
+    pub index: u32,
+    pub name: String,
+    pub min_mhz: u32,
+    pub max_mhz: u32,
+    pub sm_clock_mhz: Option<u32>,
+    pub power_w: Option<f64>,
+    pub energy_j: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct WindowSummary {
+    pub seconds: Option<f64>,
+    pub request_rate: Option<f64>,
+    pub generation_tokens_rate: Option<f64>,
+    pub running: Option<f64>,
+    pub waiting: Option<f64>,
+    pub kv_cache_usage: Option<f64>,
+    pub ttft_mean_s: Option<f64>,
+    pub itl_mean_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GovernorSummary {
+    pub decisions: u64,
+    pub converged_after: Option<u64>,
+    pub reward: Option<f64>,
+    pub edp_per_token: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub agent_version: String,
+    pub uptime_s: f64,
+    pub period_s: f64,
+    pub cycles: u64,
+    pub mode: String,
+    pub phase: Option<String>,
+    pub locked_mhz: Option<u32>,
+    pub vllm_url: String,
+    pub vllm_up: bool,
+    pub gpus: Vec<GpuStatus>,
+    pub window: Option<WindowSummary>,
+    pub ttft_slo_s: f64,
+    pub tpot_slo_s: f64,
+    pub governor: Option<GovernorSummary>,
+    pub last_error: Option<String>,
+}
+
+/// Framing and decoding problems.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+    #[error("cannot encode frame: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+fn config() -> bincode::config::Configuration<bincode::config::BigEndian, bincode::config::Varint, bincode::config::Limit<MAX_FRAME>> {
+    bincode::config::standard().with_big_endian().with_limit::<MAX_FRAME>()
+}
+
+/// Encodes a value as one frame (length prefix included).
+pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtoError> {
+    let body = bincode::serde::encode_to_vec(value, config()).map_err(|e| ProtoError::Encode(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(ProtoError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Decodes a frame body; trailing bytes are an error (a frame holds exactly one value).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtoError> {
+    let (value, used) =
+        bincode::serde::decode_from_slice(body, config()).map_err(|e| ProtoError::Decode(e.to_string()))?;
+    if used != body.len() {
+        return Err(ProtoError::Decode(format!("{} trailing bytes after the value", body.len() - used)));
+    }
+    Ok(value)
+}
+
+/// Reads a frame's length prefix and checks it against the limit.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(ProtoError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, ProtoError> {
+    let mut prefix = [0u8; 4];
+    r.read_exact(&mut prefix).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtoError::Closed,
+        _ => ProtoError::Io(e),
+    })?;
+    let mut body = vec![0u8; frame_len(prefix)?];
+    r.read_exact(&mut body)?;
+    decode_body(&body)
+}
+
+/// Why the client could not talk to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent at {path}: {source}")]
+    Unreachable { path: PathBuf, source: std::io::Error },
+    #[error("agent at {path}: {source}")]
+    Protocol { path: PathBuf, source: ProtoError },
+    #[error("agent at {path}: {message}")]
+    Refused { path: PathBuf, message: String },
+    #[error("agent at {path} speaks protocol {theirs}, agentctl speaks {ours}: {message}")]
+    Version { path: PathBuf, ours: u32, theirs: u32, message: String },
+}
+
+/// A connection to the agent's control socket.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    path: PathBuf,
+    pub agent_version: String,
+}
+
+impl Client {
+    /// Connects and says hello.
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream =
+            UnixStream::connect(path).map_err(|source| ClientError::Unreachable { path: path.to_owned(), source })?;
+        let timeout = Some(Duration::from_secs(30));
+        let _ = stream.set_read_timeout(timeout);
+        let _ = stream.set_write_timeout(timeout);
+        let mut c = Client { stream, path: path.to_owned(), agent_version: String::new() };
+        let hello = Hello { version: PROTOCOL_VERSION, client: format!("agentctl {}", env!("CARGO_PKG_VERSION")) };
+        c.send(&hello)?;
+        match c.receive::<Result<Welcome, Response>>()? {
+            Ok(w) => c.agent_version = w.agent_version,
+            Err(Response::Error { kind: ErrorKind::Refused, message }) => {
+                return Err(ClientError::Refused { path: path.to_owned(), message })
+            }
+            Err(Response::Error { message, .. }) => {
+                return Err(ClientError::Version {
+                    path: path.to_owned(),
+                    ours: PROTOCOL_VERSION,
+                    theirs: parse_theirs(&message),
+                    message,
+                })
+            }
+            Err(other) => {
+                return Err(ClientError::Protocol {
+                    path: path.to_owned(),
+                    source: ProtoError::Decode(format!("unexpected hello answer {other:?}")),
+                })
+            }
+        }
+        Ok(c)
+    }
+
+    fn send<T: Serialize>(&mut self, v: &T) -> Result<(), ClientError> {
+        let frame = encode_frame(v).map_err(|source| ClientError::Protocol { path: self.path.clone(), source })?;
+        self.stream
+            .write_all(&frame)
+            .map_err(|e| ClientError::Protocol { path: self.path.clone(), source: e.into() })
+    }
+
+    fn receive<T: DeserializeOwned>(&mut self) -> Result<T, ClientError> {
+        read_frame(&mut self.stream).map_err(|source| ClientError::Protocol { path: self.path.clone(), source })
+    }
+
+    /// One request, one response.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
+        self.send(req)?;
+        self.receive()
+    }
+}
+
+fn parse_theirs(message: &str) -> u32 {
+    message
+        .split(|c: char| !c.is_ascii_digit())
+        .find_map(|t| t.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let reqs = [
+            Request::Status,
+            Request::SetMode(Mode::Edp),
+            Request::Pin(1410),
+            Request::SetSlo { ttft_s: Some(0.3), tpot_s: None },
+            Request::Model(ModelCmd::Export("/tmp/x.json".into())),
+            Request::Tune(vec!["start".into()]),
+        ];
+        for r in reqs {
+            let f = encode_frame(&r).expect("encode");
+            let len = frame_len([f[0], f[1], f[2], f[3]]).expect("len");
+            assert_eq!(len, f.len() - 4);
+            assert_eq!(decode_body::<Request>(&f[4..]).expect("decode"), r);
+        }
+    }
+
+    #[test]
+    fn oversized_garbage_and_trailing_bytes_are_errors() {
+        assert!(matches!(frame_len(u32::MAX.to_be_bytes()), Err(ProtoError::TooLarge(_))));
+        assert!(matches!(decode_body::<Request>(&[0xff, 0xff, 0xff]), Err(ProtoError::Decode(_))));
+        let mut f = encode_frame(&Request::Unpin).expect("encode");
+        f.push(7);
+        assert!(matches!(decode_body::<Request>(&f[4..]), Err(ProtoError::Decode(_))));
+        // A huge declared string length inside a small frame is refused by the byte limit.
+        let bogus = [7u8, 0xfc, 0xff, 0xff, 0xff, 0x7f];
+        assert!(decode_body::<Request>(&bogus).is_err());
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!("observe".parse::<Mode>(), Ok(Mode::Observe));
+        assert!("turbo".parse::<Mode>().unwrap_err().contains("turbo"));
+    }
+
+    #[test]
+    fn only_status_and_advice_are_read_only() {
+        assert!(!Request::Status.changes_state());
+        assert!(!Request::Advice.changes_state());
+        assert!(Request::Pin(1200).changes_state());
+        assert!(Request::Reload.changes_state());
+    }
+
+    #[test]
+    fn unreachable_socket_names_the_path() {
+        let e = Client::connect(Path::new("/nonexistent/agent.sock")).expect_err("no agent").to_string();
+        assert!(e.contains("/nonexistent/agent.sock"), "{e}");
+    }
+}

@@ -1,1 +1,236 @@
-fn main() {}
+//! `agentctl`: operate a running gpu-agent over its Unix socket.
+//! Exit codes: 0 success, 1 refused or failed (the agent's message), 2 usage, 3 unreachable.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use agentctl::{Client, ClientError, ModelCmd, Request, Response, StatusReport, DEFAULT_SOCKET};
+
+#[derive(Parser)]
+#[command(name = "agentctl", version, about = "Control a running gpu-agent")]
+struct Cli {
+    /// The agent's control socket.
+    #[arg(long, global = true, env = "AGENTCTL_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON for scripts instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// GPUs, clocks, mode, governor phase, last window, objectives, uptime.
+    Status,
+    /// Set the clock policy: slo, edp, observe or default.
+    Mode {
+        #[arg(value_parser = parse_mode)]
+        mode: agentctl::Mode,
+    },
+    /// Lock the SM clock of the agent's GPUs at MHZ until `unpin`.
+    Pin { mhz: u32 },
+    /// Drop a pin and go back to the mode before it.
+    Unpin,
+    /// Change the latency objectives (seconds).
+    Slo {
+        #[arg(long)]
+        ttft: Option<f64>,
+        #[arg(long)]
+        tpot: Option<f64>,
+    },
+    /// The governor's learnt model: reset, export FILE, import FILE.
+    Model {
+        #[command(subcommand)]
+        cmd: ModelArg,
+    },
+    /// Re-read the agent's config file (as SIGHUP does).
+    Reload,
+    /// Live status, refreshed each decision cycle.
+    Watch {
+        /// Seconds between refreshes [default: the agent's decision period]
+        #[arg(long)]
+        interval: Option<f64>,
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Trial launcher (tune vLLM flags).
+    Tune {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Replica advice: demand, capacity, suggestion.
+    Advice,
+}
+
+#[derive(Subcommand)]
+enum ModelArg {
+    Reset,
+    Export { file: PathBuf },
+    Import { file: PathBuf },
+}
+
+fn parse_mode(s: &str) -> Result<agentctl::Mode, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let request = match &cli.command {
+        Command::Status | Command::Watch { .. } => Request::Status,
+        Command::Mode { mode } => Request::SetMode(*mode),
+        Command::Pin { mhz } => Request::Pin(*mhz),
+        Command::Unpin => Request::Unpin,
+        Command::Slo { ttft, tpot } => {
+            if ttft.is_none() && tpot.is_none() {
+                eprintln!("agentctl: slo needs --ttft and/or --tpot");
+                return ExitCode::from(2);
+            }
+            Request::SetSlo { ttft_s: *ttft, tpot_s: *tpot }
+        }
+        Command::Model { cmd } => Request::Model(match cmd {
+            ModelArg::Reset => ModelCmd::Reset,
+            ModelArg::Export { file } => ModelCmd::Export(absolute(file)),
+            ModelArg::Import { file } => ModelCmd::Import(absolute(file)),
+        }),
+        Command::Reload => Request::Reload,
+        Command::Tune { args } => Request::Tune(args.clone()),
+        Command::Advice => Request::Advice,
+    };
+    let mut client = match Client::connect(&cli.socket) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    if let Command::Watch { interval, count } = &cli.command {
+        return watch(&mut client, *interval, *count, cli.json);
+    }
+    match client.call(&request) {
+        Ok(resp) => show(&resp, cli.json),
+        Err(e) => fail(&e),
+    }
+}
+
+/// The agent may run in another directory: send it absolute paths.
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+fn fail(e: &ClientError) -> ExitCode {
+    eprintln!("agentctl: {e}");
+    match e {
+        ClientError::Unreachable { .. } => ExitCode::from(3),
+        _ => ExitCode::from(1),
+    }
+}
+
+fn show(resp: &Response, json: bool) -> ExitCode {
+    match resp {
+        Response::Ok(msg) => {
+            if json {
+                println!("{}", serde_json::json!({ "ok": true, "message": msg }));
+            } else {
+                println!("{msg}");
+            }
+            ExitCode::SUCCESS
+        }
+        Response::Status(s) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
+            } else {
+                print!("{}", table(s));
+            }
+            ExitCode::SUCCESS
+        }
+        Response::Error { kind, message } => {
+            if json {
+                println!("{}", serde_json::json!({ "ok": false, "error": format!("{kind:?}"), "message": message }));
+            }
+            eprintln!("agentctl: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn watch(client: &mut Client, interval: Option<f64>, count: Option<u64>, json: bool) -> ExitCode {
+    let clear = std::io::stdout().is_terminal() && !json;
+    let mut shown = 0u64;
+    loop {
+        let resp = match client.call(&Request::Status) {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+        let Response::Status(s) = &resp else { return show(&resp, json) };
+        if clear {
+            print!("\x1b[2J\x1b[H");
+        }
+        if json {
+            println!("{}", serde_json::to_string(s).unwrap_or_default());
+        } else {
+            print!("{}", table(s));
+            println!();
+        }
+        shown += 1;
+        if count.is_some_and(|c| shown >= c) {
+            return ExitCode::SUCCESS;
+        }
+        let secs = interval.unwrap_or(s.period_s).clamp(0.05, 3600.0);
+        std::thread::sleep(Duration::from_secs_f64(secs));
+    }
+}
+
+fn opt(v: Option<f64>, scale: f64, unit: &str, digits: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{:.*}{unit}", digits, v * scale))
+}
+
+/// The readable status table.
+fn table(s: &StatusReport) -> String {
+    let mut o = String::new();
+    let clock = s.locked_mhz.map_or("driver-managed".to_string(), |m| format!("locked at {m} MHz"));
+    o += &format!("agent      gpu-agent {}, up {:.0} s, {} cycles of {} s\n", s.agent_version, s.uptime_s, s.cycles, s.period_s);
+    o += &format!("mode       {} (phase {}), clock {clock}\n", s.mode, s.phase.as_deref().unwrap_or("-"));
+    o += &format!("objectives TTFT {:.0} ms, TPOT {:.0} ms\n", s.ttft_slo_s * 1e3, s.tpot_slo_s * 1e3);
+    o += &format!("vllm       {} ({})\n", s.vllm_url, if s.vllm_up { "up" } else { "NOT ANSWERING" });
+    if let Some(w) = &s.window {
+        o += &format!(
+            "window     {} req/s, {} tok/s out, running {}, waiting {}, KV {}, TTFT {}, ITL {}\n",
+            opt(w.request_rate, 1.0, "", 1),
+            opt(w.generation_tokens_rate, 1.0, "", 0),
+            opt(w.running, 1.0, "", 0),
+            opt(w.waiting, 1.0, "", 0),
+            opt(w.kv_cache_usage, 100.0, "%", 0),
+            opt(w.ttft_mean_s, 1e3, " ms", 1),
+            opt(w.itl_mean_s, 1e3, " ms", 1),
+        );
+    }
+    if let Some(g) = &s.governor {
+        o += &format!(
+            "governor   {} decisions, converged {}, reward {}, EDP/token {}\n",
+            g.decisions,
+            g.converged_after.map_or("no".to_string(), |n| format!("after {n}")),
+            opt(g.reward, 1.0, "", 3),
+            opt(g.edp_per_token, 1e3, " mJ*s", 4),
+        );
+    }
+    o += "GPU  NAME                                 CLOCKS (MHz)  SM (MHz)  POWER (W)  ENERGY (J)\n";
+    for g in &s.gpus {
+        o += &format!(
+            "{:<4} {:<36} {:>5}..{:<5}  {:>8}  {:>9}  {:>10}\n",
+            g.index,
+            g.name,
+            g.min_mhz,
+            g.max_mhz,
+            g.sm_clock_mhz.map_or("-".into(), |v| v.to_string()),
+            opt(g.power_w, 1.0, "", 1),
+            opt(g.energy_j, 1.0, "", 0),
+        );
+    }
+    if let Some(e) = &s.last_error {
+        o += &format!("last error {e}\n");
+    }
+    o
+}

@@ -25,8 +25,10 @@ fn start_agent(dir: &tempfile::TempDir, vllm: SocketAddr, policy: &str) -> (Proc
         format!(
             "[agent]\nlisten = \"127.0.0.1:{port}\"\nperiod_seconds = 0.25\nstate_dir = \"{state}\"\n\
              [vllm]\nmetrics_url = \"http://{vllm}/metrics\"\ntimeout_seconds = 0.2\n\
+             [control]\nsocket = \"{socket}\"\n\
              [gpu]\nbackend = \"sim\"\nindices = [0]\n{policy}",
-            state = dir.path().join("state").display()
+            state = dir.path().join("state").display(),
+            socket = dir.path().join("agent.sock").display()
         ),
     )
     .expect("write config");

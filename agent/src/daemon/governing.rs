@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use crate::config::{PolicyMode, PolicySection};
 use crate::governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation};
-use crate::store::Store;
+use crate::store::{read_export, write_export, Export, Store, SCHEMA_VERSION};
 use crate::vllm::Window;
 
 /// Decisions between two saves of the governor's state.
@@ -128,6 +128,40 @@ impl Steering {
             Some(s) => s.remove(&self.gpu_model, model).map_err(|e| e.to_string()),
             None => Ok(false),
         }
+    }
+
+    /// Writes the current governor's state to `file` (JSON, with the schema version).
+    pub fn export(&self, file: &Path) -> Result<(), String> {
+        let (Some(g), Some(model)) = (&self.governor, &self.vllm_model) else {
+            return Err("nothing learnt yet: the governor starts with the first vLLM window".into());
+        };
+        let e = Export {
+            schema_version: SCHEMA_VERSION,
+            gpu_model: self.gpu_model.clone(),
+            vllm_model: model.clone(),
+            state: g.state(),
+        };
+        write_export(file, &e).map_err(|e| e.to_string())
+    }
+
+    /// Loads a state exported for this GPU model and makes the governor continue from it.
+    pub fn import(&mut self, file: &Path) -> Result<String, String> {
+        let e = read_export(file).map_err(|e| e.to_string())?;
+        if e.gpu_model != self.gpu_model {
+            return Err(format!("{} was learnt on {:?}, this agent runs {:?}", file.display(), e.gpu_model, self.gpu_model));
+        }
+        if let Some(store) = &self.store {
+            store.save(&e.gpu_model, &e.vllm_model, &e.state).map_err(|e| e.to_string())?;
+        }
+        if self.vllm_model.as_deref() == Some(e.vllm_model.as_str()) || self.vllm_model.is_none() {
+            let mut cfg_mode = GovernorConfig::default();
+            cfg_mode.mode = Self::mode(&self.policy).unwrap_or(Mode::Observe);
+            let mut g = Governor::new(cfg_mode, &self.clocks_mhz, Some(e.state));
+            g.set_slo(self.policy.ttft_slo_seconds, self.policy.tpot_slo_seconds);
+            self.governor = Some(g);
+            self.vllm_model = Some(e.vllm_model.clone());
+        }
+        Ok(format!("{} on {}", e.vllm_model, e.gpu_model))
     }
 
     pub fn save(&self) {

@@ -2,6 +2,7 @@
 //! decides a clock, applies it and records everything; signals reset clocks or reload config.
 
 pub mod clocks;
+mod control;
 pub mod governing;
 pub mod metrics;
 pub mod routes;
@@ -40,6 +41,8 @@ pub enum DaemonError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("simulated vLLM failed to start: {0}")]
     Simulation(String),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -55,6 +58,8 @@ pub struct Options {
     pub simulate: bool,
     /// Forget the governor's stored state for this GPU and vLLM model and learn afresh.
     pub reset_model: bool,
+    /// `--socket` overrides `control.socket`.
+    pub socket: Option<PathBuf>,
 }
 
 /// What the daemon knows right now; read by the HTTP routes (and the control socket).
@@ -92,6 +97,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     if let Some(addr) = opts.listen {
         cfg.agent.listen = addr;
     }
+    if let Some(sock) = &opts.socket {
+        cfg.control.socket = sock.clone();
+    }
 
     // The simulation owns the simulated GPU, vLLM and load; it lives as long as the daemon.
     let (gpu, _sim): (Arc<dyn GpuBackend>, Option<simulate::Simulation>) = if opts.simulate {
@@ -102,8 +110,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         cfg.gpu.indices = (0..cfg.gpu.indices.len() as u32).collect();
         cfg.vllm.metrics_url = sim.metrics_url();
         if opts.config_path.is_none() {
-            // No root needed to try it: keep the simulated GPU's learning in the temp dir.
+            // No root needed to try it: state and socket in the temp dir.
             cfg.agent.state_dir = std::env::temp_dir().join("gpu-agent-simulate");
+            if opts.socket.is_none() {
+                cfg.control.socket = std::env::temp_dir().join("gpu-agent-simulate/agent.sock");
+            }
         }
         info!(url = %sim.base_url(), "simulated vLLM serving a built-in varying load");
         (sim.gpu(), Some(sim))
@@ -114,13 +125,28 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let listener = crate::http::bind(cfg.agent.listen)
         .await
         .map_err(|source| DaemonError::Listen { addr: cfg.agent.listen, source })?;
+    let control = match crate::control::ControlSocket::bind(&cfg.control.socket) {
+        Ok(c) => Some(c),
+        // A second simulation on one laptop still runs, just without agentctl.
+        Err(e) if opts.simulate => {
+            warn!(error = %e, "running without a control socket");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut agent = Agent::new(cfg.clone(), gpu)?;
     if opts.reset_model {
         agent.steering.reset_on_start();
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let routes = Arc::new(routes::AgentRoutes::new(agent.metrics.clone(), agent.status.clone()));
-    let server = tokio::spawn(crate::http::serve(listener, routes, stop_rx));
+    let server = tokio::spawn(crate::http::serve(listener, routes, stop_rx.clone()));
+    let (control_tx, mut control_rx) = mpsc::channel::<crate::control::ControlCall>(64);
+    if let Some(c) = control {
+        info!(socket = %c.path().display(), "agentctl --socket {} status", c.path().display());
+        let policy = crate::control::AccessPolicy::from_config(&cfg.control);
+        tokio::spawn(c.serve(policy, control_tx, stop_rx));
+    }
     let mut signals = signal_channel().map_err(DaemonError::Signals)?;
     info!(listen = %cfg.agent.listen, vllm = %cfg.vllm.metrics_url, gpu = agent.gpu.kind(), "gpu-agent running");
 
@@ -129,34 +155,22 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             _ = ticker.tick() => agent.cycle().await,
+            Some(call) = control_rx.recv() => {
+                let response = match call.request {
+                    agentctl::Request::Reload => match reload(&mut agent, &opts, &mut ticker) {
+                        Ok(msg) => agentctl::Response::Ok(msg),
+                        Err(msg) => agentctl::Response::Error { kind: agentctl::ErrorKind::Failed, message: msg },
+                    },
+                    request => agent.handle_control(request),
+                };
+                tracing::debug!(uid = call.peer.uid, pid = call.peer.pid, "control request answered");
+                let _ = call.reply.send(response);
+            }
             sig = signals.recv() => match sig {
-                Some(Signal::Reload) => {
-                    if let Some(path) = &opts.config_path {
-                        match Config::load(path) {
-                            Ok(mut new) => {
-                                if opts.simulate {
-                                    new.gpu = agent.cfg.gpu.clone();
-                                    new.vllm.metrics_url = agent.cfg.vllm.metrics_url.clone();
-                                }
-                                if new.agent.listen != agent.cfg.agent.listen {
-                                    warn!("agent.listen changed: restart the agent to move the HTTP server");
-                                    new.agent.listen = agent.cfg.agent.listen;
-                                }
-                                if new.agent.period_seconds != agent.cfg.agent.period_seconds {
-                                    ticker = tokio::time::interval(Duration::from_secs_f64(new.agent.period_seconds));
-                                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                                }
-                                match agent.reconfigure(new) {
-                                    Ok(()) => info!(path = %path.display(), "config reloaded"),
-                                    Err(e) => error!(error = %e, "config reload rejected; keeping the old config"),
-                                }
-                            }
-                            Err(e) => error!(error = %e, "config reload failed; keeping the old config"),
-                        }
-                    } else {
-                        info!("SIGHUP: no --config file to reload");
-                    }
-                }
+                Some(Signal::Reload) => match reload(&mut agent, &opts, &mut ticker) {
+                    Ok(msg) => info!("{msg}"),
+                    Err(msg) => error!("{msg}"),
+                },
                 Some(Signal::Stop) | None => break,
             }
         }
@@ -169,6 +183,38 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let _ = stop_tx.send(true);
     let _ = server.await;
     Ok(())
+}
+
+/// Re-reads the config file (SIGHUP, `agentctl reload`). A bad file changes nothing.
+fn reload(agent: &mut Agent, opts: &Options, ticker: &mut tokio::time::Interval) -> Result<String, String> {
+    let Some(path) = &opts.config_path else {
+        return Err("no --config file to reload".into());
+    };
+    let mut new = Config::load(path).map_err(|e| format!("config reload failed; keeping the old config: {e}"))?;
+    if opts.simulate {
+        new.gpu = agent.cfg.gpu.clone();
+        new.vllm.metrics_url = agent.cfg.vllm.metrics_url.clone();
+    }
+    if new.agent.listen != agent.cfg.agent.listen {
+        warn!("agent.listen changed: restart the agent to move the HTTP server");
+        new.agent.listen = agent.cfg.agent.listen;
+    }
+    if new.control != agent.cfg.control {
+        warn!("[control] changed: restart the agent to apply it");
+        new.control = agent.cfg.control.clone();
+    }
+    if new.agent.state_dir != agent.cfg.agent.state_dir {
+        warn!("agent.state_dir changed: restart the agent to move the store");
+        new.agent.state_dir = agent.cfg.agent.state_dir.clone();
+    }
+    let period_changed = new.agent.period_seconds != agent.cfg.agent.period_seconds;
+    let period = new.agent.period_seconds;
+    agent.reconfigure(new).map_err(|e| format!("config reload rejected; keeping the old config: {e}"))?;
+    if period_changed {
+        *ticker = tokio::time::interval(Duration::from_secs_f64(period));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    Ok(format!("config reloaded from {}", path.display()))
 }
 
 fn open_backend(cfg: &Config) -> Result<Arc<dyn GpuBackend>, DaemonError> {
@@ -190,6 +236,9 @@ pub struct Agent {
     previous: Option<(Instant, Snapshot)>,
     last_energy: Vec<Option<f64>>,
     steering: governing::Steering,
+    /// The mode `agentctl unpin` goes back to.
+    mode_before_pin: PolicyMode,
+    started: Instant,
     pub metrics: Arc<AgentMetrics>,
     pub status: SharedStatus,
 }
@@ -228,6 +277,8 @@ impl Agent {
         let steering = governing::Steering::new(clocks, gpu_model, &cfg.agent.state_dir, cfg.policy.clone());
         Ok(Self {
             steering,
+            mode_before_pin: if cfg.policy.mode == PolicyMode::Pinned { PolicyMode::Slo } else { cfg.policy.mode },
+            started: Instant::now(),
             clocks: ClockKeeper::new(gpu.clone(), cfg.gpu.indices.clone()),
             scraper: Scraper::new(),
             previous: None,

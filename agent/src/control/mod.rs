@@ -1,0 +1,291 @@
+//! The control socket: a Unix socket speaking the `agentctl` protocol. Each connection is its
+//! own task; the peer's credentials (SO_PEERCRED) decide what it may do; requests go to the
+//! daemon loop over a channel, so they are applied between cycles, never during one.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentctl::{
+    decode_body, encode_frame, frame_len, ErrorKind, Hello, ProtoError, Request, Response, Welcome,
+    PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::ControlSection;
+
+/// How long a client may take to say hello, and to send a whole frame once it started one.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the daemon may take to answer (it answers between cycles).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("another agent is already listening on {0}")]
+    InUse(PathBuf),
+    #[error("cannot create the control socket {path}: {source}")]
+    Bind { path: PathBuf, source: std::io::Error },
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: i32,
+    /// Supplementary groups of the uid (when the user is known to the system).
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// May change state.
+    Write,
+    /// May only read status.
+    Read,
+    /// Refused outright.
+    None,
+}
+
+/// The `[control]` section's rules.
+#[derive(Debug, Clone)]
+pub struct AccessPolicy {
+    pub allow_root: bool,
+    pub allow_uids: Vec<u32>,
+    pub allow_gids: Vec<u32>,
+    pub others_may_read: bool,
+}
+
+impl AccessPolicy {
+    pub fn from_config(c: &ControlSection) -> AccessPolicy {
+        AccessPolicy {
+            allow_root: c.allow_root,
+            allow_uids: c.allow_uids.clone(),
+            allow_gids: c.allow_gids.clone(),
+            others_may_read: c.others_may_read,
+        }
+    }
+
+    pub fn access(&self, p: &Peer) -> Access {
+        let allowed = (self.allow_root && p.uid == 0)
+            || self.allow_uids.contains(&p.uid)
+            || self.allow_gids.contains(&p.gid)
+            || p.groups.iter().any(|g| self.allow_gids.contains(g));
+        if allowed {
+            Access::Write
+        } else if self.others_may_read {
+            Access::Read
+        } else {
+            Access::None
+        }
+    }
+}
+
+/// A request on its way to the daemon loop.
+#[derive(Debug)]
+pub struct ControlCall {
+    pub request: Request,
+    pub peer: Peer,
+    pub reply: oneshot::Sender<Response>,
+}
+
+/// The bound socket; the file is removed when this is dropped.
+#[derive(Debug)]
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// Binds `path` with mode 0660. A socket file left by a crashed agent is replaced; one a
+    /// live agent still answers on is not.
+    pub fn bind(path: &Path) -> Result<ControlSocket, ControlError> {
+        let bind_err = |source| ControlError::Bind { path: path.to_owned(), source };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(bind_err)?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.to_owned()));
+            }
+            info!(path = %path.display(), "replacing a stale control socket");
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
+        Ok(ControlSocket { listener, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts connections until `shutdown` turns true.
+    pub async fn serve(self, policy: AccessPolicy, tx: mpsc::Sender<ControlCall>, mut shutdown: watch::Receiver<bool>) {
+        info!(path = %self.path.display(), "control socket listening");
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let (policy, tx) = (policy.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = connection(stream, policy, tx).await {
+                            debug!(error = %e, "control connection ended");
+                        }
+                    });
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The peer's credentials, read with SO_PEERCRED.
+fn peer_of(stream: &UnixStream) -> Result<Peer, ProtoError> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(stream, PeerCredentials).map_err(|e| ProtoError::Io(e.into()))?;
+    let (uid, gid) = (cred.uid(), cred.gid());
+    let groups = nix::unistd::User::from_uid(uid.into())
+        .ok()
+        .flatten()
+        .and_then(|u| {
+            let name = std::ffi::CString::new(u.name).ok()?;
+            nix::unistd::getgrouplist(&name, gid.into()).ok()
+        })
+        .map(|gs| gs.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_default();
+    Ok(Peer { uid, gid, pid: cred.pid(), groups })
+}
+
+async fn read_frame<T: serde::de::DeserializeOwned>(s: &mut UnixStream, wait_first: Option<Duration>) -> Result<T, ProtoError> {
+    let mut prefix = [0u8; 4];
+    let first = s.read_exact(&mut prefix);
+    let got = match wait_first {
+        Some(t) => tokio::time::timeout(t, first).await.map_err(|_| ProtoError::Closed)?,
+        None => first.await,
+    };
+    got.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtoError::Closed,
+        _ => ProtoError::Io(e),
+    })?;
+    let mut body = vec![0u8; frame_len(prefix)?];
+    tokio::time::timeout(FRAME_TIMEOUT, s.read_exact(&mut body))
+        .await
+        .map_err(|_| ProtoError::Decode("frame body did not arrive in time".into()))??;
+    decode_body(&body)
+}
+
+async fn write_frame<T: serde::Serialize>(s: &mut UnixStream, v: &T) -> Result<(), ProtoError> {
+    s.write_all(&encode_frame(v)?).await?;
+    Ok(())
+}
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error { kind, message: message.into() }
+}
+
+/// One client: hello, then requests until it hangs up. A bad frame gets an error reply and
+/// the connection is closed (the stream may be out of step); the agent carries on.
+async fn connection(mut s: UnixStream, policy: AccessPolicy, tx: mpsc::Sender<ControlCall>) -> Result<(), ProtoError> {
+    let peer = peer_of(&s)?;
+    let access = policy.access(&peer);
+    // Read the hello before any refusal, so the client reads the answer instead of a broken pipe.
+    let hello: Hello = match read_frame(&mut s, Some(FRAME_TIMEOUT)).await {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = write_frame(&mut s, &Err::<Welcome, _>(error(ErrorKind::BadRequest, e.to_string()))).await;
+            return Err(e);
+        }
+    };
+    if access == Access::None {
+        let msg = format!("uid {} may not use this agent's control socket", peer.uid);
+        warn!(uid = peer.uid, pid = peer.pid, "control connection refused");
+        let _ = write_frame(&mut s, &Err::<Welcome, _>(error(ErrorKind::Refused, msg))).await;
+        return Ok(());
+    }
+    if hello.version != PROTOCOL_VERSION {
+        let msg = format!("protocol version {} is not supported; this agent speaks {PROTOCOL_VERSION}", hello.version);
+        write_frame(&mut s, &Err::<Welcome, _>(error(ErrorKind::Version, msg))).await?;
+        return Ok(());
+    }
+    let welcome = Welcome { version: PROTOCOL_VERSION, agent_version: env!("CARGO_PKG_VERSION").into() };
+    write_frame(&mut s, &Ok::<_, Response>(welcome)).await?;
+    loop {
+        let request: Request = match read_frame(&mut s, None).await {
+            Ok(r) => r,
+            Err(ProtoError::Closed) => return Ok(()),
+            Err(e) => {
+                let _ = write_frame(&mut s, &error(ErrorKind::BadRequest, e.to_string())).await;
+                return Err(e);
+            }
+        };
+        let response = if request.changes_state() && access != Access::Write {
+            warn!(uid = peer.uid, pid = peer.pid, ?request, "control request refused");
+            error(ErrorKind::Refused, format!("uid {} may only read status", peer.uid))
+        } else {
+            let (reply, answer) = oneshot::channel();
+            let call = ControlCall { request, peer: peer.clone(), reply };
+            if tx.send(call).await.is_err() {
+                error(ErrorKind::Failed, "the agent is shutting down")
+            } else {
+                match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+                    Ok(Ok(r)) => r,
+                    _ => error(ErrorKind::Failed, "the agent did not answer in time"),
+                }
+            }
+        };
+        write_frame(&mut s, &response).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(uid: u32, gid: u32, groups: Vec<u32>) -> Peer {
+        Peer { uid, gid, pid: 1, groups }
+    }
+
+    #[test]
+    fn access_follows_the_allow_lists() {
+        let p = AccessPolicy { allow_root: true, allow_uids: vec![1000], allow_gids: vec![50], others_may_read: true };
+        assert_eq!(p.access(&peer(0, 0, vec![])), Access::Write);
+        assert_eq!(p.access(&peer(1000, 1000, vec![])), Access::Write);
+        assert_eq!(p.access(&peer(1234, 50, vec![])), Access::Write, "primary group");
+        assert_eq!(p.access(&peer(1234, 1234, vec![7, 50])), Access::Write, "supplementary group");
+        assert_eq!(p.access(&peer(1234, 1234, vec![7])), Access::Read);
+        let strict = AccessPolicy { allow_root: false, others_may_read: false, ..p };
+        assert_eq!(strict.access(&peer(0, 0, vec![])), Access::None);
+        assert_eq!(strict.access(&peer(1000, 1000, vec![])), Access::Write);
+    }
+
+    #[tokio::test]
+    async fn stale_socket_is_replaced_and_live_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/agent.sock");
+        let first = ControlSocket::bind(&path).expect("bind");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        assert!(matches!(ControlSocket::bind(&path), Err(ControlError::InUse(_))));
+        // Simulate a crash: the file stays, nobody listens.
+        std::mem::forget(first);
+        let second = ControlSocket::bind(&path);
+        assert!(second.is_err(), "the forgotten listener still accepts, so it is live");
+        drop(second);
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+        assert!(stale.exists());
+        let s = ControlSocket::bind(&stale).expect("stale socket replaced");
+        drop(s);
+        assert!(!stale.exists(), "removed on drop");
+    }
+}

@@ -1,0 +1,185 @@
+//! Answers `agentctl` requests inside the decision loop. Changes made here live until the next
+//! config reload (SIGHUP or `agentctl reload`), which goes back to the file.
+
+use agentctl::{
+    ErrorKind, GovernorSummary, GpuStatus, ModelCmd, Request, Response, StatusReport, WindowSummary,
+};
+
+use super::clocks::ClockTarget;
+use super::Agent;
+use crate::config::PolicyMode;
+
+fn failed(message: impl Into<String>) -> Response {
+    Response::Error { kind: ErrorKind::Failed, message: message.into() }
+}
+
+fn bad(message: impl Into<String>) -> Response {
+    Response::Error { kind: ErrorKind::BadRequest, message: message.into() }
+}
+
+impl Agent {
+    /// One control request (authorisation was checked by the socket server). `Reload` is
+    /// answered by the loop, which owns the config path.
+    pub fn handle_control(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status => Response::Status(Box::new(self.status_report())),
+            Request::SetMode(mode) => {
+                let mode = match mode {
+                    agentctl::Mode::Slo => PolicyMode::Slo,
+                    agentctl::Mode::Edp => PolicyMode::Edp,
+                    agentctl::Mode::Observe => PolicyMode::Observe,
+                    agentctl::Mode::Default => PolicyMode::Default,
+                };
+                let mut policy = self.cfg.policy.clone();
+                policy.mode = mode;
+                self.set_policy(policy);
+                if mode == PolicyMode::Default {
+                    if let Err(e) = self.apply(ClockTarget::Default) {
+                        return failed(format!("mode set, but resetting clocks failed: {e}"));
+                    }
+                }
+                Response::Ok(format!("mode {}", super::mode_name(&self.cfg)))
+            }
+            Request::Pin(mhz) => {
+                let mut policy = self.cfg.policy.clone();
+                if policy.mode != PolicyMode::Pinned {
+                    self.mode_before_pin = policy.mode;
+                }
+                policy.mode = PolicyMode::Pinned;
+                policy.pin_mhz = Some(mhz);
+                let mut cfg = self.cfg.clone();
+                cfg.policy = policy.clone();
+                let gpus = self.status_read().gpus.clone();
+                if let Err(e) = super::check_pin(&cfg, &gpus) {
+                    return bad(e.to_string().replace("config field `policy.pin_mhz`: ", ""));
+                }
+                match self.apply(ClockTarget::Locked(mhz)) {
+                    Ok(()) => {
+                        self.set_policy(policy);
+                        Response::Ok(format!("pinned at {mhz} MHz"))
+                    }
+                    Err(e) => failed(format!("locking {mhz} MHz failed: {e}")),
+                }
+            }
+            Request::Unpin => {
+                if self.cfg.policy.mode != PolicyMode::Pinned {
+                    return Response::Ok("not pinned".into());
+                }
+                let mut policy = self.cfg.policy.clone();
+                policy.mode = self.mode_before_pin;
+                policy.pin_mhz = None;
+                self.set_policy(policy);
+                // The governor (or the driver) takes over from the next cycle.
+                if self.cfg.policy.mode == PolicyMode::Default {
+                    if let Err(e) = self.apply(ClockTarget::Default) {
+                        return failed(format!("unpinned, but resetting clocks failed: {e}"));
+                    }
+                }
+                Response::Ok(format!("unpinned; mode {}", super::mode_name(&self.cfg)))
+            }
+            Request::SetSlo { ttft_s, tpot_s } => {
+                let mut policy = self.cfg.policy.clone();
+                for (name, value, slot) in [
+                    ("--ttft", ttft_s, &mut policy.ttft_slo_seconds),
+                    ("--tpot", tpot_s, &mut policy.tpot_slo_seconds),
+                ] {
+                    if let Some(v) = value {
+                        if !(v > 0.0 && v <= 600.0) {
+                            return bad(format!("{name} {v} must be > 0 and <= 600 seconds"));
+                        }
+                        *slot = v;
+                    }
+                }
+                self.set_policy(policy);
+                Response::Ok(format!(
+                    "objectives: TTFT {} s, TPOT {} s",
+                    self.cfg.policy.ttft_slo_seconds, self.cfg.policy.tpot_slo_seconds
+                ))
+            }
+            Request::Model(cmd) => match cmd {
+                ModelCmd::Reset => match self.steering.reset_model() {
+                    Ok(()) => Response::Ok("governor model reset; learning afresh".into()),
+                    Err(e) => failed(format!("model reset: {e}")),
+                },
+                ModelCmd::Export(path) => match self.steering.export(&path) {
+                    Ok(()) => Response::Ok(format!("governor model written to {}", path.display())),
+                    Err(e) => failed(format!("model export: {e}")),
+                },
+                ModelCmd::Import(path) => match self.steering.import(&path) {
+                    Ok(what) => Response::Ok(format!("governor model imported ({what})")),
+                    Err(e) => failed(format!("model import: {e}")),
+                },
+            },
+            Request::Reload => failed("reload is handled by the daemon loop"),
+            Request::Tune(_) => failed("`tune` needs the trial launcher, which this gpu-agent version does not have"),
+            Request::Advice => failed("`advice` needs the replica advisor, which this gpu-agent version does not have"),
+        }
+    }
+
+    fn set_policy(&mut self, policy: crate::config::PolicySection) {
+        self.metrics.set_slo(policy.ttft_slo_seconds, policy.tpot_slo_seconds);
+        self.steering.set_policy(policy.clone());
+        self.cfg.policy = policy;
+        let mut st = self.status_write();
+        st.mode = super::mode_name(&self.cfg);
+        st.ttft_slo_seconds = self.cfg.policy.ttft_slo_seconds;
+        st.tpot_slo_seconds = self.cfg.policy.tpot_slo_seconds;
+    }
+
+    pub fn status_report(&self) -> StatusReport {
+        let st = self.status_read();
+        let gpus = st
+            .gpus
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let s = st.samples.get(i);
+                GpuStatus {
+                    index: g.index,
+                    name: g.name.clone(),
+                    min_mhz: g.min_clock(),
+                    max_mhz: g.max_clock(),
+                    sm_clock_mhz: s.map(|s| s.sm_clock_mhz),
+                    power_w: s.map(|s| s.power_w),
+                    energy_j: s.map(|s| s.energy_j),
+                }
+            })
+            .collect();
+        let window = st.window.as_ref().map(|w| WindowSummary {
+            seconds: Some(w.seconds),
+            request_rate: w.request_rate,
+            generation_tokens_rate: w.generation_tokens_rate,
+            running: w.num_requests_running,
+            waiting: w.num_requests_waiting,
+            kv_cache_usage: w.kv_cache_usage,
+            ttft_mean_s: w.ttft.as_ref().and_then(|l| l.mean),
+            itl_mean_s: w.itl.as_ref().and_then(|l| l.mean),
+        });
+        let governor = self.steering.governor().map(|g| GovernorSummary {
+            decisions: g.decisions(),
+            converged_after: g.converged_after(),
+            reward: st.decision.as_ref().and_then(|d| d.reward),
+            edp_per_token: st.decision.as_ref().and_then(|d| d.edp_per_token),
+        });
+        StatusReport {
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            period_s: self.cfg.agent.period_seconds,
+            cycles: st.cycles,
+            mode: st.mode.clone(),
+            phase: st.phase.clone(),
+            locked_mhz: match self.clocks.applied() {
+                ClockTarget::Default => None,
+                ClockTarget::Locked(m) => Some(m),
+            },
+            vllm_url: st.vllm_url.clone(),
+            vllm_up: st.vllm_up,
+            gpus,
+            window,
+            ttft_slo_s: self.cfg.policy.ttft_slo_seconds,
+            tpot_slo_s: self.cfg.policy.tpot_slo_seconds,
+            governor,
+            last_error: st.last_error.clone(),
+        }
+    }
+}

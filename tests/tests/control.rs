@@ -1,0 +1,251 @@
+//! The control plane end to end: `gpu-agent --simulate` with its socket in a temp dir, driven
+//! through the `agentctl` binary; hostile frames sent raw to the socket; many clients at once.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use e2e_tests::{bin, free_port, get, metric, wait_for, Proc};
+
+struct Agent {
+    proc: Proc,
+    addr: SocketAddr,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the simulated agent with a config file (so `reload` has something to re-read).
+fn start(control: &str) -> Agent {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let socket = dir.path().join("run/agent.sock");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nperiod_seconds = 0.25\nstate_dir = \"{}\"\n[vllm]\ntimeout_seconds = 0.2\n[control]\n{control}\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .expect("config");
+    let proc = Proc::start(
+        "gpu-agent",
+        &[
+            "--simulate",
+            "--config",
+            cfg.to_str().expect("path"),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--socket",
+            socket.to_str().expect("path"),
+        ],
+    );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    wait_for(Duration::from_secs(30), "agent socket", || socket.exists().then_some(()));
+    wait_for(Duration::from_secs(30), "agent HTTP", || get(addr, "/healthz").ok().filter(|r| r.status == 200));
+    Agent { proc, addr, socket, _dir: dir }
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(bin("agentctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run agentctl")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+}
+
+fn status_json(socket: &Path) -> serde_json::Value {
+    let o = ctl(socket, &["status", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    serde_json::from_slice(&o.stdout).expect("status JSON")
+}
+
+fn target_hz(addr: SocketAddr) -> Option<f64> {
+    metric(&get(addr, "/metrics").ok()?.body, "gpu_agent_clock_target_hertz", &[])
+}
+
+#[test]
+fn every_command_through_agentctl() {
+    let a = start("");
+    let s = &a.socket;
+
+    // status: table and JSON.
+    let o = ctl(s, &["status"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(out.contains("H100") && out.contains("mode       slo"), "{out}");
+    let st = status_json(s);
+    assert_eq!(st["mode"], "slo");
+    assert_eq!(st["gpus"][0]["max_mhz"], 1980);
+
+    // pin / unpin, seen in the agent's /metrics.
+    let o = ctl(s, &["pin", "1200"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    assert_eq!(target_hz(a.addr), Some(1.2e9));
+    assert_eq!(status_json(s)["locked_mhz"], 1200);
+    let o = ctl(s, &["pin", "1201"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("1201"), "{:?}", text(&o));
+    let o = ctl(s, &["--json", "unpin"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["ok"], true);
+    assert_eq!(status_json(s)["mode"], "slo");
+
+    // mode.
+    assert_eq!(ctl(s, &["mode", "default"]).status.code(), Some(0));
+    assert_eq!(status_json(s)["mode"], "default");
+    wait_for(Duration::from_secs(3), "clocks back to the driver", || (target_hz(a.addr)? == 0.0).then_some(()));
+    assert_eq!(ctl(s, &["mode", "observe"]).status.code(), Some(0));
+    assert_eq!(status_json(s)["mode"], "observe");
+
+    // slo, seen in /metrics; a bad value is refused with exit 1.
+    assert_eq!(ctl(s, &["slo", "--ttft", "0.3", "--tpot", "0.04"]).status.code(), Some(0));
+    let m = get(a.addr, "/metrics").expect("metrics").body;
+    assert_eq!(metric(&m, "gpu_agent_slo_objective_seconds", &[("kind", "ttft")]), Some(0.3));
+    assert_eq!(metric(&m, "gpu_agent_slo_objective_seconds", &[("kind", "tpot")]), Some(0.04));
+    let o = ctl(s, &["slo", "--ttft", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("--ttft"), "{:?}", text(&o));
+
+    // model export / import / reset once the governor has seen windows.
+    wait_for(Duration::from_secs(20), "governor decisions", || {
+        (status_json(s)["governor"]["decisions"].as_u64()? > 2).then_some(())
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("model.json");
+    let o = ctl(s, &["model", "export", file.to_str().expect("path")]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let exported: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).expect("export file")).expect("JSON");
+    assert_eq!(exported["schema_version"], 1);
+    let o = ctl(s, &["model", "import", file.to_str().expect("path")]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let o = ctl(s, &["model", "import", "/nonexistent/model.json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("/nonexistent/model.json"));
+    let o = ctl(s, &["model", "reset"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+
+    // reload goes back to the file (mode slo, objectives 0.5 / 0.05).
+    let o = ctl(s, &["reload"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let st = status_json(s);
+    assert_eq!((st["mode"].as_str(), st["ttft_slo_s"].as_f64()), (Some("slo"), Some(0.5)));
+
+    // watch refreshes and stops after --count.
+    let o = ctl(s, &["watch", "--interval", "0.1", "--count", "3"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(text(&o).0.matches("objectives").count(), 3);
+
+    // tune and advice are dispatched and answered, but this version has neither.
+    for args in [vec!["tune", "status"], vec!["advice"]] {
+        let o = ctl(s, &args);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(text(&o).1.contains("this gpu-agent version does not have"), "{:?}", text(&o));
+    }
+
+    // Clean exit removes the socket.
+    a.proc.signal("TERM");
+    let socket = a.socket.clone();
+    let (code, err) = a.proc.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!socket.exists(), "socket removed on exit");
+    assert_eq!(ctl(&socket, &["status"]).status.code(), Some(3));
+}
+
+#[test]
+fn peers_outside_the_allow_list_may_read_but_not_change() {
+    // Root is not implicitly allowed here, so the test means the same when CI runs as root.
+    let a = start("allow_root = false\nallow_uids = [4242]\nothers_may_read = true");
+    assert_eq!(status_json(&a.socket)["mode"], "slo");
+    for args in [vec!["pin", "1200"], vec!["mode", "edp"], vec!["reload"], vec!["model", "reset"]] {
+        let o = ctl(&a.socket, &args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(text(&o).1.contains("may only read status"), "{:?}", text(&o));
+    }
+    assert_eq!(target_hz(a.addr).map(|v| v == 1.2e9), Some(false), "the refused pin did nothing");
+
+    let b = start("allow_root = false\nothers_may_read = false");
+    let o = ctl(&b.socket, &["status"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("may not use"), "{:?}", text(&o));
+}
+
+/// Sends raw bytes as one client and returns what came back before the agent closed.
+fn raw(socket: &Path, bytes: &[u8]) -> Vec<u8> {
+    let mut c = UnixStream::connect(socket).expect("connect");
+    c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let _ = c.write_all(bytes);
+    let _ = c.shutdown(std::net::Shutdown::Write);
+    let mut back = Vec::new();
+    let _ = c.read_to_end(&mut back);
+    back
+}
+
+#[test]
+fn garbage_oversized_and_truncated_frames_do_not_stop_the_agent() {
+    let a = start("");
+    let hello = agentctl::encode_frame(&agentctl::Hello { version: agentctl::PROTOCOL_VERSION, client: "raw".into() })
+        .expect("hello");
+    let mut oversized_request = hello.clone();
+    oversized_request.extend_from_slice(&u32::MAX.to_be_bytes());
+    let mut garbage_request = hello.clone();
+    garbage_request.extend_from_slice(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]);
+    let wrong_version =
+        agentctl::encode_frame(&agentctl::Hello { version: 999, client: "future".into() }).expect("hello");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage hello", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
+        ("oversized hello", u32::MAX.to_be_bytes().to_vec()),
+        ("truncated hello", vec![0, 0, 0, 50, 1, 2]),
+        ("wrong version", wrong_version),
+        ("oversized request", oversized_request),
+        ("undecodable request", garbage_request),
+        ("nothing", vec![]),
+    ];
+    for (what, bytes) in cases {
+        let back = raw(&a.socket, &bytes);
+        if what == "wrong version" {
+            let len = agentctl::frame_len([back[0], back[1], back[2], back[3]]).expect("len");
+            let answer: Result<agentctl::Welcome, agentctl::Response> =
+                agentctl::decode_body(&back[4..4 + len]).expect("decodable answer");
+            assert!(matches!(answer, Err(agentctl::Response::Error { kind: agentctl::ErrorKind::Version, .. })));
+        }
+        // The agent is still there for everyone else.
+        assert_eq!(status_json(&a.socket)["mode"], "slo", "after {what}");
+    }
+    // A client that connects and says nothing does not block others.
+    let _silent = UnixStream::connect(&a.socket).expect("connect");
+    assert_eq!(status_json(&a.socket)["mode"], "slo");
+    assert_eq!(get(a.addr, "/healthz").expect("healthz").status, 200);
+}
+
+#[test]
+fn many_clients_at_once() {
+    let a = start("");
+    let socket = a.socket.clone();
+    let threads: Vec<_> = (0..32)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut c = agentctl::Client::connect(&socket).expect("connect");
+                for _ in 0..5 {
+                    match c.call(&agentctl::Request::Status).expect("call") {
+                        agentctl::Response::Status(s) => assert_eq!(s.mode, "slo"),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+}
