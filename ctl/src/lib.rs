@@ -335,7 +335,7 @@ mod tests {
     #[test]
     fn modes_parse() {
         assert_eq!("observe".parse::<Mode>(), Ok(Mode::Observe));
-        assert!("turbo".parse::<Mode>().unwrap_err().contains("turbo"));
+        assert!("turbo".parse::<Mode>().expect_err("unknown mode").contains("turbo"));
     }
 
     #[test]

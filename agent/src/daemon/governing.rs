@@ -84,15 +84,18 @@ impl Steering {
                 None
             }
         });
-        let cfg = GovernorConfig {
-            mode: Self::mode(&self.policy).unwrap_or(Mode::Observe),
-            ..GovernorConfig::default()
-        };
-        let mut g = Governor::new(cfg, &self.clocks_mhz, restored);
-        g.set_slo(self.policy.ttft_slo_seconds, self.policy.tpot_slo_seconds);
+        let g = self.build(restored);
         info!(gpu = %self.gpu_model, model, decisions = g.decisions(), "clock governor ready");
         self.governor = Some(g);
         self.vllm_model = Some(model.to_string());
+    }
+
+    /// A governor for the current policy, continuing from `restored` when given.
+    fn build(&self, restored: Option<crate::governor::GovernorState>) -> Governor {
+        let cfg = GovernorConfig { mode: Self::mode(&self.policy).unwrap_or(Mode::Observe), ..GovernorConfig::default() };
+        let mut g = Governor::new(cfg, &self.clocks_mhz, restored);
+        g.set_slo(self.policy.ttft_slo_seconds, self.policy.tpot_slo_seconds);
+        g
     }
 
     /// One decision from one window. None when the policy leaves clocks to the driver.
@@ -154,11 +157,7 @@ impl Steering {
             store.save(&e.gpu_model, &e.vllm_model, &e.state).map_err(|e| e.to_string())?;
         }
         if self.vllm_model.as_deref() == Some(e.vllm_model.as_str()) || self.vllm_model.is_none() {
-            let mut cfg_mode = GovernorConfig::default();
-            cfg_mode.mode = Self::mode(&self.policy).unwrap_or(Mode::Observe);
-            let mut g = Governor::new(cfg_mode, &self.clocks_mhz, Some(e.state));
-            g.set_slo(self.policy.ttft_slo_seconds, self.policy.tpot_slo_seconds);
-            self.governor = Some(g);
+            self.governor = Some(self.build(Some(e.state)));
             self.vllm_model = Some(e.vllm_model.clone());
         }
         Ok(format!("{} on {}", e.vllm_model, e.gpu_model))

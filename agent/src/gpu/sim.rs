@@ -516,7 +516,7 @@ mod tests {
         let g = SimGpu::free_running(1);
         std::thread::sleep(std::time::Duration::from_millis(20));
         let e = g.sample(0).expect("sample").energy_j;
-        assert!(e >= 0.02 * 70.0 && e < 5.0 * 120.0, "{e}");
+        assert!((0.02 * 70.0..5.0 * 120.0).contains(&e), "{e}");
     }
 
     #[test]
