@@ -28,6 +28,8 @@ pub enum ControlError {
     InUse(PathBuf),
     #[error("cannot create the control socket {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
+    #[error("{0} exists and is not a socket; not replacing it")]
+    NotASocket(PathBuf),
 }
 
 /// Who is on the other end of a connection.
@@ -101,18 +103,25 @@ pub struct ControlSocket {
 
 impl ControlSocket {
     /// Binds `path` with mode 0660. A socket file left by a crashed agent is replaced; one a
-    /// live agent still answers on is not.
+    /// live agent still answers on is not, and neither is anything that is not a socket (the
+    /// agent runs as root: a mistyped path or a planted symlink must not delete a file).
     pub fn bind(path: &Path) -> Result<ControlSocket, ControlError> {
+        use std::os::unix::fs::FileTypeExt;
         let bind_err = |source| ControlError::Bind { path: path.to_owned(), source };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(bind_err)?;
         }
-        if path.exists() {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse(path.to_owned()));
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => return Err(ControlError::NotASocket(path.to_owned())),
+            Ok(_) => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(ControlError::InUse(path.to_owned()));
+                }
+                info!(path = %path.display(), "replacing a stale control socket");
+                std::fs::remove_file(path).map_err(bind_err)?;
             }
-            info!(path = %path.display(), "replacing a stale control socket");
-            std::fs::remove_file(path).map_err(bind_err)?;
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
         }
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
@@ -129,7 +138,15 @@ impl ControlSocket {
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of file descriptors, say: wait instead of spinning on accept.
+                            warn!(error = %e, "control socket accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
                     let (policy, tx) = (policy.clone(), tx.clone());
                     tokio::spawn(async move {
                         if let Err(e) = connection(stream, policy, tx).await {
@@ -269,23 +286,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stale_socket_is_replaced_and_live_one_is_not() {
+    async fn binds_0660_replaces_a_stale_socket_but_not_a_live_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sub/agent.sock");
-        let first = ControlSocket::bind(&path).expect("bind");
+        let live = ControlSocket::bind(&path).expect("bind, creating the parent dir");
         let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
-        assert!(matches!(ControlSocket::bind(&path), Err(ControlError::InUse(_))));
-        // Simulate a crash: the file stays, nobody listens.
-        std::mem::forget(first);
-        let second = ControlSocket::bind(&path);
-        assert!(second.is_err(), "the forgotten listener still accepts, so it is live");
-        drop(second);
-        let stale = dir.path().join("stale.sock");
-        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
-        assert!(stale.exists());
-        let s = ControlSocket::bind(&stale).expect("stale socket replaced");
-        drop(s);
-        assert!(!stale.exists(), "removed on drop");
+        assert!(matches!(ControlSocket::bind(&path), Err(ControlError::InUse(_))), "a live agent answers there");
+        drop(live);
+        assert!(!path.exists(), "removed on drop");
+
+        // A crashed agent leaves its socket file behind with nobody listening.
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        assert!(path.exists());
+        let replaced = ControlSocket::bind(&path).expect("stale socket replaced");
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok(), "the new socket accepts");
+        drop(replaced);
+    }
+
+    #[tokio::test]
+    async fn never_deletes_what_is_not_a_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("precious");
+        std::fs::write(&file, "keep").expect("write");
+        assert!(matches!(ControlSocket::bind(&file), Err(ControlError::NotASocket(_))));
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&file, &link).expect("symlink");
+        assert!(matches!(ControlSocket::bind(&link), Err(ControlError::NotASocket(_))));
+        assert_eq!(std::fs::read_to_string(&file).expect("still there"), "keep");
     }
 }
