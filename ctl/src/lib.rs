@@ -291,9 +291,11 @@ impl Client {
     }
 }
 
+/// The agent's version from its refusal ("... this agent speaks N"): the last number in it
+/// (the first one is ours, echoed back).
 fn parse_theirs(message: &str) -> u32 {
     message
-        .split(|c: char| !c.is_ascii_digit())
+        .rsplit(|c: char| !c.is_ascii_digit())
         .find_map(|t| t.parse().ok())
         .unwrap_or(0)
 }
@@ -344,6 +346,38 @@ mod tests {
         assert!(!Request::Advice.changes_state());
         assert!(Request::Pin(1200).changes_state());
         assert!(Request::Reload.changes_state());
+    }
+
+    /// A one-connection fake agent that reads the hello and answers `answer`.
+    fn fake_agent(answer: Result<Welcome, Response>) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<Hello>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("fake.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let hello: Hello = read_frame(&mut s).expect("hello");
+            s.write_all(&encode_frame(&answer).expect("encode")).expect("answer");
+            hello
+        });
+        (dir, path, t)
+    }
+
+    #[test]
+    fn version_mismatch_names_both_versions() {
+        let message = format!("protocol version {PROTOCOL_VERSION} is not supported; this agent speaks 7");
+        let (_dir, path, t) = fake_agent(Err(Response::Error { kind: ErrorKind::Version, message }));
+        let e = Client::connect(&path).expect_err("mismatch");
+        assert_eq!(t.join().expect("fake agent").version, PROTOCOL_VERSION);
+        assert!(matches!(e, ClientError::Version { ours: PROTOCOL_VERSION, theirs: 7, .. }), "{e:?}");
+        assert!(e.to_string().contains("speaks protocol 7"), "{e}");
+    }
+
+    #[test]
+    fn welcome_carries_the_agent_version() {
+        let (_dir, path, t) = fake_agent(Ok(Welcome { version: PROTOCOL_VERSION, agent_version: "9.9.9".into() }));
+        let c = Client::connect(&path).expect("connect");
+        assert!(t.join().expect("fake agent").client.starts_with("agentctl "));
+        assert_eq!(c.agent_version, "9.9.9");
     }
 
     #[test]
