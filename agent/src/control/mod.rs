@@ -132,6 +132,14 @@ impl ControlSocket {
         &self.path
     }
 
+    /// Gives the socket file to group `gid`. With mode 0660 and root ownership only root could
+    /// connect at all; the allow-lists and `others_may_read` only matter for peers that can
+    /// open the socket, so the operators' group must own it.
+    pub fn set_group(&self, gid: u32) -> Result<(), ControlError> {
+        std::os::unix::fs::chown(&self.path, None, Some(gid))
+            .map_err(|source| ControlError::Bind { path: self.path.clone(), source })
+    }
+
     /// Accepts connections until `shutdown` turns true.
     pub async fn serve(self, policy: AccessPolicy, tx: mpsc::Sender<ControlCall>, mut shutdown: watch::Receiver<bool>) {
         info!(path = %self.path.display(), "control socket listening");
@@ -302,6 +310,20 @@ mod tests {
         let replaced = ControlSocket::bind(&path).expect("stale socket replaced");
         assert!(std::os::unix::net::UnixStream::connect(&path).is_ok(), "the new socket accepts");
         drop(replaced);
+    }
+
+    #[tokio::test]
+    async fn socket_can_be_given_to_a_group() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = ControlSocket::bind(&dir.path().join("agent.sock")).expect("bind");
+        let own_gid = nix::unistd::getegid().as_raw();
+        s.set_group(own_gid).expect("chown to our own group is always allowed");
+        assert_eq!(std::fs::metadata(s.path()).expect("meta").gid(), own_gid);
+        if nix::unistd::geteuid().is_root() {
+            s.set_group(4242).expect("root may give it to any group");
+            assert_eq!(std::fs::metadata(s.path()).expect("meta").gid(), 4242);
+        }
     }
 
     #[tokio::test]
