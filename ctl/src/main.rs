@@ -1,7 +1,7 @@
 //! `agentctl`: operate a running gpu-agent over its Unix socket.
 //! Exit codes: 0 success, 1 refused or failed (the agent's message), 2 usage, 3 unreachable.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -165,14 +165,21 @@ fn watch(client: &mut Client, interval: Option<f64>, count: Option<u64>, json: b
             Err(e) => return fail(&e),
         };
         let Response::Status(s) = &resp else { return show(&resp, json) };
+        let mut frame = String::new();
         if clear {
-            print!("\x1b[2J\x1b[H");
+            frame += "\x1b[2J\x1b[H";
         }
         if json {
-            println!("{}", serde_json::to_string(s).unwrap_or_default());
+            frame += &serde_json::to_string(s).unwrap_or_default();
+            frame += "\n";
         } else {
-            print!("{}", table(s));
-            println!();
+            frame += &table(s);
+            frame += "\n";
+        }
+        // `agentctl watch | head` closes the pipe: stop quietly instead of panicking in print!.
+        let mut stdout = std::io::stdout().lock();
+        if stdout.write_all(frame.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+            return ExitCode::SUCCESS;
         }
         shown += 1;
         if count.is_some_and(|c| shown >= c) {

@@ -154,6 +154,24 @@ fn every_command_through_agentctl() {
     let o = ctl(s, &["watch", "--interval", "0.1", "--count", "3"]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(text(&o).0.matches("objectives").count(), 3);
+    // JSON lines for scripts; a reader that goes away (`| head -1`) ends it quietly.
+    let mut w = Command::new(bin("agentctl"))
+        .arg("--socket")
+        .arg(s)
+        .args(["watch", "--json", "--interval", "0.1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(w.stdout.take().expect("stdout")), &mut first)
+        .expect("first line");
+    let v: serde_json::Value = serde_json::from_str(&first).expect("one JSON status per line");
+    assert!(v["cycles"].as_u64().is_some(), "{first}");
+    let code = wait_for(Duration::from_secs(10), "watch to notice the closed pipe", || w.try_wait().ok().flatten());
+    let mut err = String::new();
+    let _ = w.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    assert_eq!(code.code(), Some(0), "{err}");
 
     // tune and advice are dispatched and answered, but this version has neither.
     for args in [vec!["tune", "status"], vec!["advice"]] {
