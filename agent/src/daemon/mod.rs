@@ -7,6 +7,7 @@ pub mod governing;
 pub mod metrics;
 pub mod routes;
 pub mod simulate;
+pub mod systemd;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -152,9 +153,19 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
 
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(cfg.agent.period_seconds));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sd = systemd::Systemd::new();
+    let mut ready = false;
     loop {
         tokio::select! {
-            _ = ticker.tick() => agent.cycle().await,
+            _ = ticker.tick() => {
+                agent.cycle().await;
+                if !ready {
+                    // Ready once the HTTP server, the socket and one full cycle are up.
+                    sd.ready(&format!("serving on {}", cfg.agent.listen));
+                    ready = true;
+                }
+                sd.cycle_done();
+            }
             Some(call) = control_rx.recv() => {
                 let response = match call.request {
                     agentctl::Request::Reload => match reload(&mut agent, &opts, &mut ticker) {
@@ -167,14 +178,19 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 let _ = call.reply.send(response);
             }
             sig = signals.recv() => match sig {
-                Some(Signal::Reload) => match reload(&mut agent, &opts, &mut ticker) {
-                    Ok(msg) => info!("{msg}"),
-                    Err(msg) => error!("{msg}"),
-                },
+                Some(Signal::Reload) => {
+                    sd.reloading();
+                    match reload(&mut agent, &opts, &mut ticker) {
+                        Ok(msg) => info!("{msg}"),
+                        Err(msg) => error!("{msg}"),
+                    }
+                    sd.ready("config reloaded");
+                }
                 Some(Signal::Stop) | None => break,
             }
         }
     }
+    sd.stopping();
     agent.steering.save();
     info!("shutting down: resetting clocks");
     if let Err(e) = agent.clocks.reset_all() {
