@@ -252,10 +252,7 @@ impl Client {
         c.send(&hello)?;
         match c.receive::<Result<Welcome, Response>>()? {
             Ok(w) => c.agent_version = w.agent_version,
-            Err(Response::Error { kind: ErrorKind::Refused, message }) => {
-                return Err(ClientError::Refused { path: path.to_owned(), message })
-            }
-            Err(Response::Error { message, .. }) => {
+            Err(Response::Error { kind: ErrorKind::Version, message }) => {
                 return Err(ClientError::Version {
                     path: path.to_owned(),
                     ours: PROTOCOL_VERSION,
@@ -263,6 +260,8 @@ impl Client {
                     message,
                 })
             }
+            // Refused, or turned away (busy): the agent's message says which.
+            Err(Response::Error { message, .. }) => return Err(ClientError::Refused { path: path.to_owned(), message }),
             Err(other) => {
                 return Err(ClientError::Protocol {
                     path: path.to_owned(),

@@ -21,6 +21,9 @@ use crate::config::ControlSection;
 const FRAME_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the daemon may take to answer (it answers between cycles).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once by default; `watch` holds one open, so this is per operator
+/// terminal. Past it, a newcomer is told the agent is busy instead of exhausting descriptors.
+pub const MAX_CONNECTIONS: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -99,6 +102,7 @@ pub struct ControlCall {
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    max_connections: usize,
 }
 
 impl ControlSocket {
@@ -125,7 +129,7 @@ impl ControlSocket {
         }
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
-        Ok(ControlSocket { listener, path: path.to_owned() })
+        Ok(ControlSocket { listener, path: path.to_owned(), max_connections: MAX_CONNECTIONS })
     }
 
     pub fn path(&self) -> &Path {
@@ -140,9 +144,16 @@ impl ControlSocket {
             .map_err(|source| ControlError::Bind { path: self.path.clone(), source })
     }
 
+    /// Changes how many connections are served at once (at least 1).
+    pub fn with_max_connections(mut self, n: usize) -> ControlSocket {
+        self.max_connections = n.max(1);
+        self
+    }
+
     /// Accepts connections until `shutdown` turns true.
     pub async fn serve(self, policy: AccessPolicy, tx: mpsc::Sender<ControlCall>, mut shutdown: watch::Receiver<bool>) {
         info!(path = %self.path.display(), "control socket listening");
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(self.max_connections));
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => {
@@ -155,11 +166,17 @@ impl ControlSocket {
                             continue;
                         }
                     };
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        warn!(max = self.max_connections, "control socket busy: connection turned away");
+                        tokio::spawn(busy(stream));
+                        continue;
+                    };
                     let (policy, tx) = (policy.clone(), tx.clone());
                     tokio::spawn(async move {
                         if let Err(e) = connection(stream, policy, tx).await {
                             debug!(error = %e, "control connection ended");
                         }
+                        drop(slot);
                     });
                 }
                 _ = shutdown.changed() => break,
@@ -216,6 +233,16 @@ async fn write_frame<T: serde::Serialize>(s: &mut UnixStream, v: &T) -> Result<(
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error { kind, message: message.into() }
+}
+
+/// Turns a connection away when all slots are taken: reads its hello (briefly, so the client
+/// reads the answer rather than a broken pipe) and says why.
+async fn busy(mut s: UnixStream) {
+    let hello = tokio::time::timeout(Duration::from_secs(1), read_frame::<Hello>(&mut s, None)).await;
+    if matches!(hello, Ok(Ok(_))) {
+        let msg = "the agent is serving too many control connections; try again shortly";
+        let _ = write_frame(&mut s, &Err::<Welcome, _>(error(ErrorKind::Failed, msg))).await;
+    }
 }
 
 /// One client: hello, then requests until it hangs up. A bad frame gets an error reply and
@@ -324,6 +351,48 @@ mod tests {
             s.set_group(4242).expect("root may give it to any group");
             assert_eq!(std::fs::metadata(s.path()).expect("meta").gid(), 4242);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_past_the_limit_are_turned_away_until_one_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let socket = ControlSocket::bind(&path).expect("bind").with_max_connections(2);
+        let me = nix::unistd::getuid().as_raw();
+        let policy = AccessPolicy { allow_root: false, allow_uids: vec![me], allow_gids: vec![], others_may_read: false };
+        let (tx, mut rx) = mpsc::channel::<ControlCall>(8);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(socket.serve(policy, tx, stop_rx));
+        tokio::spawn(async move {
+            while let Some(call) = rx.recv().await {
+                assert_eq!(call.peer.uid, me, "SO_PEERCRED names this process's user");
+                let _ = call.reply.send(Response::Ok("pong".into()));
+            }
+        });
+        tokio::task::spawn_blocking(move || {
+            let pong = |c: &mut agentctl::Client| matches!(c.call(&Request::Pin(1)), Ok(Response::Ok(m)) if m == "pong");
+            let mut a = agentctl::Client::connect(&path).expect("first");
+            let b = agentctl::Client::connect(&path).expect("second");
+            let e = agentctl::Client::connect(&path).expect_err("third is turned away").to_string();
+            assert!(e.contains("too many control connections"), "{e}");
+            assert!(pong(&mut a), "the first two are still served");
+            drop(b);
+            // The slot frees as soon as the server sees the hang-up.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let mut c = loop {
+                match agentctl::Client::connect(&path) {
+                    Ok(c) => break c,
+                    Err(e) => assert!(std::time::Instant::now() < deadline, "slot never freed: {e}"),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(pong(&mut c));
+        })
+        .await
+        .expect("client thread");
+        stop_tx.send(true).expect("stop");
+        server.await.expect("server ends on shutdown");
+        assert!(!dir.path().join("agent.sock").exists(), "socket removed when serving ends");
     }
 
     #[tokio::test]
