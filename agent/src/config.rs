@@ -90,6 +90,8 @@ pub struct ControlSection {
     pub allow_gids: Vec<u32>,
     /// Whether peers not allowed to change state may still read status (`status`, `watch`).
     pub others_may_read: bool,
+    /// Group (gid) that owns the socket, so its members can connect at all (mode 0660).
+    pub group: Option<u32>,
 }
 
 impl Default for ControlSection {
@@ -100,6 +102,7 @@ impl Default for ControlSection {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             others_may_read: true,
+            group: None,
         }
     }
 }

@@ -299,3 +299,21 @@ fn many_clients_at_once() {
         t.join().expect("client thread");
     }
 }
+
+#[test]
+fn the_configured_group_owns_the_socket() {
+    use std::os::unix::fs::MetadataExt;
+    // Only root may give a file to another group; elsewhere the agent would refuse to start.
+    if nix_is_root() {
+        let a = start("group = 4242");
+        let meta = std::fs::metadata(&a.socket).expect("socket");
+        assert_eq!(meta.gid(), 4242);
+        assert_eq!(meta.mode() & 0o777, 0o660);
+    } else {
+        eprintln!("skipped: changing a file's group needs root");
+    }
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}

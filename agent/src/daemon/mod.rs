@@ -135,6 +135,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
         Err(e) => return Err(e.into()),
     };
+    if let (Some(c), Some(gid)) = (&control, cfg.control.group) {
+        c.set_group(gid)?;
+    }
     let mut agent = Agent::new(cfg.clone(), gpu)?;
     if opts.reset_model {
         agent.steering.reset_on_start();
