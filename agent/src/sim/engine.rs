@@ -820,6 +820,94 @@ mod tests {
         assert!(text.contains("vllm:num_requests_running{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"} 0.0"));
     }
 
+    /// Checks the exposition line by line: every sample is `name{labels} value` with a float value,
+    /// and each histogram's `+Inf` bucket equals its `_count`.
+    fn check_prometheus_text(text: &str) {
+        let mut inf = HashMap::new();
+        let mut count = HashMap::new();
+        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+            let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+            let (name, labels) = series.split_once('{').unwrap_or_else(|| panic!("no labels: {line}"));
+            assert!(labels.ends_with('}'), "unclosed labels: {line}");
+            assert!(
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad name: {line}"
+            );
+            for pair in labels.trim_end_matches('}').split(',') {
+                let (k, q) = pair.split_once('=').unwrap_or_else(|| panic!("bad label {pair}: {line}"));
+                assert!(!k.is_empty() && q.len() >= 2 && q.starts_with('"') && q.ends_with('"'), "bad label: {line}");
+            }
+            if let Some(base) = name.strip_suffix("_bucket") {
+                if labels.contains("le=\"+Inf\"") {
+                    inf.insert(base.to_string(), v);
+                }
+            } else if let Some(base) = name.strip_suffix("_count") {
+                count.insert(base.to_string(), v);
+            }
+        }
+        assert_eq!(inf.len(), 7, "seven histograms");
+        assert_eq!(inf, count, "+Inf bucket == _count for every histogram");
+    }
+
+    #[test]
+    fn metrics_text_is_prometheus_text_format() {
+        let (mut e, _) = engine(EngineConfig::default());
+        check_prometheus_text(&e.metrics_text());
+        for i in 0..30 {
+            e.submit(SimRequest { prompt_tokens: 200 + i * 37, max_tokens: 10 + i, prefix_id: Some(1), prefix_tokens: 64 });
+        }
+        for _ in 0..20 {
+            e.step();
+        }
+        e.abort(30);
+        drain(&mut e);
+        let text = e.metrics_text();
+        check_prometheus_text(&text);
+        for name in ["vllm:kv_cache_usage_perc", "vllm:num_preemptions_total", "vllm:request_queue_time_seconds_sum",
+            "vllm:iteration_tokens_total_bucket", "vllm:cache_config_info", "finished_reason=\"abort\"} 1.0"] {
+            assert!(text.contains(name), "missing {name}");
+        }
+    }
+
+    /// Steady Poisson-free arrivals (one every 50 ms, 512 in / 128 out) settle into a steady state:
+    /// throughput matches the offered load, the queue stays empty, TTFT and ITL are sensible.
+    #[test]
+    fn steady_load_reaches_a_steady_state() {
+        let (mut e, _) = engine(EngineConfig::default());
+        let (gap, horizon) = (0.05, 60.0);
+        let mut next = 0.0;
+        let (mut gen_at_30, mut running_sum, mut samples, mut max_waiting) = (None, 0.0, 0u32, 0);
+        while e.now() < horizon {
+            while next <= e.now() {
+                e.submit(req(512, 128));
+                next += gap;
+            }
+            if e.has_work() {
+                e.step();
+            } else {
+                e.idle_until(next);
+            }
+            if e.now() >= 30.0 {
+                gen_at_30.get_or_insert(e.m.generation_tokens);
+                running_sum += f64::from(e.stats().running);
+                samples += 1;
+                max_waiting = max_waiting.max(e.stats().waiting);
+            }
+        }
+        let tput = (e.m.generation_tokens - gen_at_30.unwrap_or(0)) as f64 / (e.now() - 30.0);
+        assert!((tput - 128.0 / gap).abs() < 0.1 * 128.0 / gap, "throughput {tput} tok/s");
+        let mean_running = running_sum / f64::from(samples);
+        assert!((10.0..60.0).contains(&mean_running), "running {mean_running}");
+        assert!(max_waiting <= 2, "queue stays short: {max_waiting}");
+        let ttft = e.m.ttft.sum / e.m.ttft.count as f64;
+        let itl = e.m.itl.sum / e.m.itl.count as f64;
+        eprintln!("steady 20 req/s: {tput:.0} tok/s, running {mean_running:.1}, TTFT {ttft:.4} s, ITL {itl:.4} s");
+        assert!(ttft > 0.01 && ttft < 0.1, "TTFT {ttft}");
+        assert!(itl > 0.006 && itl < 0.02, "ITL {itl}");
+        assert_eq!(e.m.preemptions, 0);
+    }
+
     #[test]
     fn idle_time_costs_idle_energy() {
         let (mut e, gpu) = engine(EngineConfig::default());
