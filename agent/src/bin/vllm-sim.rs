@@ -162,7 +162,7 @@ async fn main() -> ExitCode {
             u64::from(plan.num_gpu_blocks) * u64::from(cfg.block_size)
         ),
         Err(e) => {
-            eprintln!("ValueError: {e}");
+            eprintln!("{}", value_error(&e.to_string()));
             return ExitCode::from(1);
         }
     }
@@ -177,7 +177,7 @@ async fn main() -> ExitCode {
     let server = match SimServer::start(cfg, gpu, addr).await {
         Ok(s) => s,
         Err(ServerError::Engine(e)) => {
-            eprintln!("ValueError: {e}");
+            eprintln!("{}", value_error(&e.to_string()));
             return ExitCode::from(1);
         }
         Err(e) => {
@@ -191,6 +191,15 @@ async fn main() -> ExitCode {
     info!("Shutting down");
     server.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// The one stderr line vLLM ends with on a bad configuration.
+fn value_error(msg: &str) -> String {
+    if msg.starts_with("ValueError") {
+        msg.to_string()
+    } else {
+        format!("ValueError: {msg}")
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

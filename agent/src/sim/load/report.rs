@@ -47,7 +47,7 @@ impl Slo {
     }
 
     fn met_by(&self, o: &RequestOutcome) -> bool {
-        let ok = |limit: Option<f64>, secs: f64| limit.map_or(true, |l| secs * 1000.0 <= l);
+        let ok = |limit: Option<f64>, secs: f64| !matches!(limit, Some(l) if secs * 1000.0 > l);
         ok(self.ttft_ms, o.ttft) && ok(self.tpot_ms, o.tpot()) && ok(self.e2el_ms, o.e2el)
     }
 }
