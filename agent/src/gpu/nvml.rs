@@ -72,7 +72,14 @@ fn read_info(index: u32, d: &Device<'_>) -> Result<GpuInfo, GpuError> {
         .map_err(|e| call_err(index, "supported_graphics_clocks", e))?;
     clocks.sort_unstable();
     clocks.dedup();
-    let power_limit_w = d.enforced_power_limit().map(|mw| f64::from(mw) / 1000.0).unwrap_or(0.0);
+    // Not every board reports a limit; 0 means unknown, and clocks still work without it.
+    let power_limit_w = match d.enforced_power_limit() {
+        Ok(mw) => f64::from(mw) / 1000.0,
+        Err(e) => {
+            tracing::warn!(gpu = index, error = %e, "power limit unreadable");
+            0.0
+        }
+    };
     Ok(GpuInfo { index, name, uuid, sm_clocks_mhz: clocks, power_limit_w })
 }
 
