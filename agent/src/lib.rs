@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod gpu;
 pub mod governor;
 pub mod http;
+pub mod profile;
 pub mod sim;
 pub mod store;
 pub mod vllm;
