@@ -206,11 +206,10 @@ async fn lost_gpu_fails_every_call_without_a_panic() {
     assert_eq!(rig.errors("set_clock"), 2.0);
 }
 
-/// Open finding F1 (docs/reliability.md): when locking fails and the reset that follows fails
-/// too, `ClockKeeper` records the clock it wanted as applied, so once the GPU recovers the agent
-/// never locks it and reports a clock the GPU does not run at.
+/// Finding F1 (docs/reliability.md, fixed): when locking fails and the reset that follows fails
+/// too, the keeper used to record the clock it wanted as applied, so once the GPU recovered the
+/// agent never locked it and reported a clock the GPU did not run at.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open finding F1 in docs/reliability.md: a failed first lock is never retried"]
 async fn failed_first_lock_is_retried_once_the_gpu_recovers() {
     let mut rig = Rig::pinned().await;
     rig.gpu.inject(Fault::SetFails);
@@ -224,11 +223,10 @@ async fn failed_first_lock_is_retried_once_the_gpu_recovers() {
     rig.assert_pinned().await;
 }
 
-/// Open finding F2 (docs/reliability.md): the agent never compares the clock it reads back with
-/// the one it locked, so a GPU that comes back from a reset at default clocks (or a clock reset
-/// by another tool) stays unpinned.
+/// Finding F2 (docs/reliability.md, fixed): the agent did not compare the clock it reads back
+/// with the one it locked, so a GPU that came back from a reset at default clocks (or a clock
+/// reset by another tool) stayed unpinned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open finding F2 in docs/reliability.md: a clock reset behind the agent's back is not re-applied"]
 async fn pinned_clock_is_reapplied_after_the_gpu_was_reset() {
     let mut rig = Rig::pinned().await;
     rig.cycles(2).await;

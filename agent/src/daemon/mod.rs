@@ -344,6 +344,8 @@ impl Agent {
         let now = Instant::now();
         // GPU counters at the same edge as the vLLM window, so its energy matches it.
         let (samples, energy_j) = self.read_gpus();
+        // A lock that no longer holds (GPU reset behind our back) is applied again below.
+        self.clocks.check_read_back(&samples);
 
         let mut window = None;
         let mut last_error = None;
@@ -429,7 +431,7 @@ impl Agent {
     }
 
     fn apply(&mut self, target: ClockTarget) -> Result<(), GpuError> {
-        if target == self.clocks.applied() {
+        if self.clocks.is_at(target) {
             return Ok(());
         }
         let result = self.clocks.apply(target);
