@@ -77,18 +77,45 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// Why sled would not open a store.
+#[derive(Debug)]
+enum OpenProblem {
+    /// Another process holds the store's lock.
+    Locked,
+    /// The filesystem refuses (full, read-only, no permission): the store itself may be fine,
+    /// so it must stay where it is for the next start.
+    Refused(String),
+    /// Anything else: the store is taken to be broken.
+    Broken(String),
+}
+
 /// Opens sled without letting a panic inside it (seen on some corrupt files) escape.
-fn try_open(path: &Path) -> Result<sled::Db, String> {
+fn try_open(path: &Path) -> Result<sled::Db, OpenProblem> {
     let p = path.to_owned();
     match std::panic::catch_unwind(move || sled::open(&p)) {
         Ok(Ok(db)) => Ok(db),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("sled panicked while opening".into()),
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            Err(if is_lock_error(&msg) {
+                OpenProblem::Locked
+            } else if matches!(&e, sled::Error::Io(io) if is_refusal(io.kind())) {
+                OpenProblem::Refused(msg)
+            } else {
+                OpenProblem::Broken(msg)
+            })
+        }
+        Err(_) => Err(OpenProblem::Broken("sled panicked while opening".into())),
     }
 }
 
 fn is_lock_error(msg: &str) -> bool {
     msg.contains("could not acquire lock") || msg.contains("WouldBlock") || msg.contains("Resource temporarily unavailable")
+}
+
+/// I/O errors that say the filesystem refuses to write, not that the store is corrupt.
+fn is_refusal(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(kind, K::StorageFull | K::ReadOnlyFilesystem | K::PermissionDenied | K::QuotaExceeded)
 }
 
 /// Why an opened database cannot be used as it is, if it cannot.
@@ -121,8 +148,11 @@ impl Store {
                     why
                 }
             },
-            Err(msg) if is_lock_error(&msg) => return Err(StoreError::Locked { path: path.to_owned() }),
-            Err(msg) => msg,
+            Err(OpenProblem::Locked) => return Err(StoreError::Locked { path: path.to_owned() }),
+            Err(OpenProblem::Refused(msg)) => {
+                return Err(StoreError::Open { path: path.to_owned(), msg: format!("{msg}; left in place") })
+            }
+            Err(OpenProblem::Broken(msg)) => msg,
         };
         let aside = PathBuf::from(format!("{}.corrupt-{}", path.display(), unix_now()));
         warn!(path = %path.display(), aside = %aside.display(), problem = %problem, "governor store unusable; moving it aside and starting empty");
@@ -130,7 +160,13 @@ impl Store {
             return Err(StoreError::Open { path: path.to_owned(), msg: format!("{problem}; moving it aside failed: {e}") });
         }
         moved_aside.get_or_insert(aside);
-        let db = try_open(path).map_err(|msg| StoreError::Open { path: path.to_owned(), msg })?;
+        let db = try_open(path).map_err(|p| {
+            let msg = match p {
+                OpenProblem::Locked => "locked by another process".to_string(),
+                OpenProblem::Refused(m) | OpenProblem::Broken(m) => m,
+            };
+            StoreError::Open { path: path.to_owned(), msg }
+        })?;
         Self::ready(db, path, moved_aside)
     }
 

@@ -349,3 +349,224 @@ fn second_agent_on_a_locked_store_runs_without_persistence() {
     let restored = restored_decisions(&err3).unwrap_or_else(|| panic!("no governor ready line:\n{err3}"));
     assert!(restored as f64 >= before, "the first agent's state survived: restored {restored}, it had made {before} decisions");
 }
+
+// ---- The agent killed, the disk full or read-only, the store truncated ----
+
+/// Decisions after which the governor has saved at least once (it saves every 30).
+const AFTER_FIRST_SAVE: f64 = 31.0;
+
+fn agent_url(vllm: SocketAddr) -> String {
+    format!("http://{vllm}/metrics")
+}
+
+#[test]
+fn sigkill_with_clocks_locked_then_reset_clocks_and_a_restart_restores_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let (_vllm, vllm_addr) = start_vllm_sim();
+    let (agent, addr) = start_agent(dir.path(), "agent", &agent_url(vllm_addr), &state, "");
+    // Killed past its first save, while the governor holds a lock.
+    let decisions = wait_for(Duration::from_secs(25), "a saved governor holding a lock", || {
+        let m = get(addr, "/metrics").ok()?.body;
+        let d = metric(&m, "gpu_agent_governor_decisions_total", &[])?;
+        let locked = metric(&m, "gpu_agent_clock_target_hertz", &[])? > 0.0;
+        (d >= AFTER_FIRST_SAVE && locked).then_some(d)
+    });
+    agent.signal("KILL");
+    let (code, err) = agent.wait_exit(Duration::from_secs(5));
+    assert_eq!(code, None, "killed by a signal, no exit code");
+    assert!(!err.contains("shutting down"), "SIGKILL gives the agent no way out:\n{err}");
+
+    // What the systemd unit's ExecStopPost runs: reset every configured GPU, say which.
+    let out = std::process::Command::new(e2e_tests::bin("gpu-agent"))
+        .args(["reset-clocks", "--config"])
+        .arg(dir.path().join("agent.toml"))
+        .output()
+        .expect("run gpu-agent reset-clocks");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "reset-clocks: {:?}\n{stdout}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "reset SM clocks of GPU [0]");
+
+    // A restarted agent takes the clocks over from whatever was left, and continues from the
+    // last periodic save (the exit save never happened).
+    let err2 = run_until_decisions(dir.path(), "agent2", vllm_addr, &state, 1.0);
+    assert!(err2.contains("clocks given back to the driver at start"), "{err2}");
+    let restored = restored_decisions(&err2).unwrap_or_else(|| panic!("no governor ready line:\n{err2}"));
+    assert!(
+        (30..=decisions as u64).contains(&restored),
+        "restored {restored} decisions; the last save before the kill was at 30 or later, the agent had made {decisions}"
+    );
+    assert!(!err2.contains("moving it aside") && !err2.contains("no state store"), "the killed agent's store is fine:\n{err2}");
+}
+
+/// A filesystem mounted for one test, unmounted (lazily) when dropped.
+struct Mount {
+    at: PathBuf,
+}
+
+impl Mount {
+    /// A tmpfs of `kib` KiB at `at`; None where this process may not mount (printed).
+    fn tmpfs(at: &Path, kib: u32) -> Option<Mount> {
+        std::fs::create_dir_all(at).expect("mount point");
+        let size = format!("size={kib}k");
+        Self::run(&["-t", "tmpfs", "-o", &size, "tmpfs", &at.display().to_string()])?;
+        Some(Mount { at: at.to_owned() })
+    }
+
+    /// `at` bound onto itself, read-only: even root cannot write there.
+    fn read_only(at: &Path) -> Option<Mount> {
+        let p = at.display().to_string();
+        Self::run(&["--bind", &p, &p])?;
+        let m = Mount { at: at.to_owned() };
+        Self::run(&["-o", "remount,bind,ro", &p])?;
+        Some(m)
+    }
+
+    fn run(args: &[&str]) -> Option<()> {
+        match std::process::Command::new("mount").args(args).output() {
+            Ok(o) if o.status.success() => Some(()),
+            Ok(o) => {
+                eprintln!("SKIPPED: `mount {}` is not permitted here: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+/// Fills the filesystem holding `dir` with one file; returns its path.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).expect("create filler");
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+#[test]
+fn disk_full_while_saving_keeps_governing_and_saves_once_space_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let Some(_mount) = Mount::tmpfs(&state, 2048) else { return };
+    let (_vllm, vllm_addr) = start_vllm_sim();
+    let (agent, addr) = start_agent(dir.path(), "agent", &agent_url(vllm_addr), &state, "");
+    // The store is open (the agent decides); then the disk fills before the first save.
+    wait_for(Duration::from_secs(20), "governor decisions", || {
+        (agent_metric(addr, "gpu_agent_governor_decisions_total", &[])? >= 2.0).then_some(())
+    });
+    let filler = fill(&state);
+    let decisions = wait_for(Duration::from_secs(25), "a save on the full disk", || {
+        agent_metric(addr, "gpu_agent_governor_decisions_total", &[]).filter(|d| *d >= AFTER_FIRST_SAVE + 1.0)
+    });
+    assert_eq!(get(addr, "/healthz").expect("healthz").status, 200);
+    assert_eq!(agent_metric(addr, "gpu_agent_vllm_up", &[]), Some(1.0), "still governing");
+
+    // Space is back: the save on the way out reopens the store and succeeds.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let err = stop_cleanly(agent);
+    assert!(err.contains("saving the governor state failed; reopening the store to try again"), "{err}");
+    assert!(err.contains("No space left on device"), "the log says why:\n{err}");
+    assert!(err.contains("left in place"), "a full disk does not make the store corrupt:\n{err}");
+    assert!(err.contains("state store open again"), "{err}");
+    assert!(err.contains("clocks reset to driver default"), "{err}");
+    assert!(!err.contains("moving it aside"), "{err}");
+    assert!(corrupt_asides(&state).is_empty());
+
+    let err2 = run_until_decisions(dir.path(), "agent2", vllm_addr, &state, 1.0);
+    let restored = restored_decisions(&err2).unwrap_or_else(|| panic!("no governor ready line:\n{err2}"));
+    assert!(restored as f64 >= decisions, "what was learnt on the full disk survived: restored {restored}, had {decisions}");
+}
+
+#[test]
+fn read_only_state_dir_leaves_the_store_in_place_and_runs_unpersisted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let (_vllm, vllm_addr) = start_vllm_sim();
+    let _ = run_until_decisions(dir.path(), "first", vllm_addr, &state, 3.0);
+    let saved = std::fs::read(state.join("governor.sled/db")).expect("store written");
+
+    let Some(ro) = Mount::read_only(&state) else { return };
+    let (agent, addr) = start_agent(dir.path(), "agent", &agent_url(vllm_addr), &state, "");
+    wait_for(Duration::from_secs(20), "governor decisions", || {
+        (agent_metric(addr, "gpu_agent_governor_decisions_total", &[])? >= 3.0).then_some(())
+    });
+    let err = stop_cleanly(agent);
+    let warning = err
+        .lines()
+        .find(|l| l.contains("no state store: the governor will not remember what it learns"))
+        .unwrap_or_else(|| panic!("no warning about the missing store:\n{err}"));
+    assert!(warning.contains("Read-only file system") && warning.contains("left in place"), "{warning}");
+    assert!(!err.contains("moving it aside"), "a read-only store is not corrupt:\n{err}");
+    drop(ro);
+
+    assert_eq!(std::fs::read(state.join("governor.sled/db")).expect("store"), saved, "untouched");
+    assert!(corrupt_asides(&state).is_empty());
+    let err3 = run_until_decisions(dir.path(), "third", vllm_addr, &state, 1.0);
+    let restored = restored_decisions(&err3).unwrap_or_else(|| panic!("no governor ready line:\n{err3}"));
+    assert!(restored >= 3, "the first agent's state survived the read-only run: restored {restored}");
+}
+
+#[test]
+fn truncated_store_keeps_its_last_complete_save_or_is_moved_aside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let (_vllm, vllm_addr) = start_vllm_sim();
+    // Two saves: the first agent's on exit, then the second's with more decisions.
+    let _ = run_until_decisions(dir.path(), "first", vllm_addr, &state, 3.0);
+    let err = run_until_decisions(dir.path(), "second", vllm_addr, &state, 3.0);
+    let first_save = restored_decisions(&err).unwrap_or_else(|| panic!("no governor ready line:\n{err}"));
+    assert!(first_save >= 3, "{err}");
+    let db = state.join("governor.sled/db");
+    let bytes = std::fs::read(&db).expect("store written");
+    let end = bytes.iter().rposition(|b| *b != 0).expect("data in the store") + 1;
+
+    // A crash in the middle of the last write: its tail is gone. sled's log recovery stops at
+    // the last complete message, so at worst the last save is lost, never the store.
+    let torn = dir.path().join("torn");
+    copy_dir(&state, &torn);
+    std::fs::OpenOptions::new().write(true).open(torn.join("governor.sled/db")).expect("open").set_len((end - 16) as u64).expect("truncate");
+    let err = run_until_decisions(dir.path(), "torn", vllm_addr, &torn, 1.0);
+    let restored = restored_decisions(&err).unwrap_or_else(|| panic!("no governor ready line:\n{err}"));
+    assert!(restored >= first_save, "an earlier complete save is restored ({restored}, first save {first_save}):\n{err}");
+    assert!(!err.contains("moving it aside"), "{err}");
+
+    // Cut short at 64 bytes: the store cannot be read, it is set aside.
+    std::fs::copy(state.join("governor.sled/conf"), state.join("governor.sled.conf.orig")).expect("keep conf");
+    std::fs::OpenOptions::new().write(true).open(&db).expect("open").set_len(64).expect("truncate");
+    let err = run_until_decisions(dir.path(), "cut", vllm_addr, &state, 3.0);
+    assert!(err.contains("governor store unusable; moving it aside and starting empty"), "{err}");
+    assert_eq!(restored_decisions(&err), Some(0), "starts empty:\n{err}");
+    let asides = corrupt_asides(&state);
+    assert_eq!(asides.len(), 1, "{asides:?}");
+    // Set aside for inspection. Not byte for byte: sled's recovery zeroes the torn message it
+    // stopped at before it gives up, so only the header before it is compared.
+    let conf = std::fs::read(state.join("governor.sled.conf.orig")).expect("conf copy");
+    assert!(std::fs::read(asides[0].join("conf")).expect("aside conf") == conf, "conf set aside unchanged");
+    let aside_db = std::fs::read(asides[0].join("db")).expect("aside db");
+    assert!(aside_db.len() >= 32 && aside_db[..32] == bytes[..32], "db set aside: its header is the truncated store's");
+    // The fresh store works.
+    let err = run_until_decisions(dir.path(), "after", vllm_addr, &state, 1.0);
+    assert!(restored_decisions(&err).is_some_and(|n| n >= 3), "{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").filter_map(Result::ok) {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copy");
+        }
+    }
+}

@@ -82,6 +82,22 @@ impl ClockKeeper {
         }
     }
 
+    /// Gives the clocks back to the driver before the first cycle. A previous agent killed with
+    /// SIGKILL (or OOM-killed) cannot reset on its way out, and NVML keeps its lock: starting
+    /// from "nothing is ours" would leave that lock in place for as long as the policy wants
+    /// driver clocks. A failure (no permission in observe mode, GPU lost) is logged once and
+    /// the keeper assumes driver clocks; the read-back check catches a lock that is still there.
+    pub fn take_over(&mut self) {
+        self.applied = None;
+        match self.reset_all() {
+            Ok(()) => info!(gpus = ?self.indices, "clocks given back to the driver at start (a killed agent may have left them locked)"),
+            Err(e) => {
+                warn!(gpus = ?self.indices, error = %e, "could not reset clocks at start; a lock left by a killed agent may remain");
+                self.applied = Some(ClockTarget::Default);
+            }
+        }
+    }
+
     /// Gives every GPU of the group back to the driver. Tries all of them even if one fails.
     pub fn reset_all(&mut self) -> Result<(), GpuError> {
         if self.is_at(ClockTarget::Default) {
@@ -289,5 +305,20 @@ mod tests {
             assert!(!keeper.check_read_back(&[reading(345, &[])]));
         }
         assert!(keeper.is_at(ClockTarget::Default));
+    }
+
+    #[test]
+    fn take_over_resets_a_lock_left_behind() {
+        let gpu = Arc::new(SimGpu::h100(1));
+        gpu.lock_sm_clock(0, 1200).expect("a lock left by a killed agent");
+        let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
+        keeper.take_over();
+        assert_eq!(gpu.clock_mhz(), 1980, "given back to the driver");
+        assert!(keeper.is_at(ClockTarget::Default));
+
+        gpu.inject(Fault::SetFails);
+        let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
+        keeper.take_over();
+        assert!(keeper.is_at(ClockTarget::Default), "a failed reset at start assumes driver clocks");
     }
 }

@@ -1,7 +1,7 @@
 //! Runs the clock governor inside the daemon: builds it once the vLLM model is known, restores
 //! and saves what it learnt (per GPU model and vLLM model) and maps the config's mode onto it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
@@ -19,6 +19,8 @@ pub struct Steering {
     vllm_model: Option<String>,
     governor: Option<Governor>,
     store: Option<Store>,
+    /// A store closed after a failed save, to be opened again at the next save.
+    closed_store: Option<PathBuf>,
     policy: PolicySection,
     /// `--reset-model`: drop the stored state of the first model seen instead of restoring it.
     reset_pending: bool,
@@ -36,7 +38,7 @@ impl Steering {
                 None
             }
         };
-        Steering { clocks_mhz, gpu_model, vllm_model: None, governor: None, store, policy, reset_pending: false }
+        Steering { clocks_mhz, gpu_model, vllm_model: None, governor: None, store, closed_store: None, policy, reset_pending: false }
     }
 
     /// The governor's mode for the config's policy, None when the governor is not consulted.
@@ -163,10 +165,49 @@ impl Steering {
         Ok(format!("{} on {}", e.vllm_model, e.gpu_model))
     }
 
-    pub fn save(&self) {
-        if let (Some(store), Some(g), Some(model)) = (&self.store, &self.governor, &self.vllm_model) {
-            if let Err(e) = store.save(&self.gpu_model, model, &g.state()) {
-                warn!(error = %e, "saving the governor state failed");
+    /// Saves the current model's state. After a failed save (disk full, I/O error) sled
+    /// refuses every later write, so the store is closed and opened again and the save tried
+    /// once more; while it cannot be reopened, each later save tries again. Once space is back,
+    /// saving works without a restart, and what was learnt stays in memory meanwhile.
+    pub fn save(&mut self) {
+        let (Some(g), Some(model)) = (&self.governor, &self.vllm_model) else { return };
+        let (state, model) = (g.state(), model.clone());
+        if self.store.is_none() && !self.reopen_store() {
+            return;
+        }
+        let Some(store) = &self.store else { return };
+        let Err(e) = store.save(&self.gpu_model, &model, &state) else { return };
+        warn!(error = %e, "saving the governor state failed; reopening the store to try again");
+        let path = store.path().to_owned();
+        self.store = None; // sled holds its lock until this handle is gone
+        self.closed_store = Some(path.clone());
+        if !self.reopen_store() {
+            return;
+        }
+        let Some(store) = &self.store else { return };
+        match store.save(&self.gpu_model, &model, &state) {
+            Ok(()) => info!(path = %path.display(), "governor state saved after reopening the store"),
+            Err(e) => {
+                warn!(error = %e, "saving the governor state failed again; will retry at the next save");
+                self.store = None;
+                self.closed_store = Some(path);
+            }
+        }
+    }
+
+    /// Opens again the store closed after a failed save. True when it is open.
+    fn reopen_store(&mut self) -> bool {
+        let Some(path) = &self.closed_store else { return false };
+        match Store::open(path) {
+            Ok(s) => {
+                info!(path = %s.path().display(), "state store open again");
+                self.store = Some(s);
+                self.closed_store = None;
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "the state store cannot be opened again yet; will retry at the next save");
+                false
             }
         }
     }

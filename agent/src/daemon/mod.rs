@@ -139,6 +139,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         c.set_group(gid)?;
     }
     let mut agent = Agent::new(cfg.clone(), gpu)?;
+    agent.clocks.take_over();
     if opts.reset_model {
         agent.steering.reset_on_start();
     }
