@@ -171,6 +171,14 @@ impl Default for PolicySection {
     }
 }
 
+/// True when the URL's authority (between `://` and the next `/`, `?` or `#`) has a userinfo
+/// part, i.e. an `@`.
+fn url_has_credentials(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@')
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -207,6 +215,13 @@ impl Config {
             ));
         }
         let url = &self.vllm.metrics_url;
+        // Checked first, and the URL not echoed: the error reaches logs and `agentctl reload`.
+        if url_has_credentials(url) {
+            return Err(invalid(
+                "vllm.metrics_url",
+                "carries credentials (`user:password@`), which the agent never sends and would show in its status; remove them",
+            ));
+        }
         if !url.starts_with("http://") {
             return Err(invalid(
                 "vllm.metrics_url",
@@ -311,6 +326,12 @@ mod tests {
         assert!(err("[agent]\nperiod_seconds = 0.0\n").contains("agent.period_seconds"));
         assert!(err("[agent]\nlisten = \"nowhere\"\n").contains("line 2"));
         assert!(err("[vllm]\nmetrics_url = \"https://x/metrics\"\n").contains("vllm.metrics_url"));
+        for url in ["http://user:s3cret@127.0.0.1:8000/metrics", "https://:s3cret@x/metrics", "http://tok@x"] {
+            let e = err(&format!("[vllm]\nmetrics_url = \"{url}\"\n"));
+            assert!(e.contains("vllm.metrics_url") && e.contains("credentials"), "{e}");
+            assert!(!e.contains("s3cret") && !e.contains("tok@"), "the secret is not echoed: {e}");
+        }
+        assert!(Config::parse("[vllm]\nmetrics_url = \"http://127.0.0.1:8000/metrics?a=b@c\"\n").is_ok(), "an @ after the host is not userinfo");
         assert!(err("[vllm]\ntimeout_seconds = 2.0\n").contains("vllm.timeout_seconds"));
         assert!(err("[gpu]\nindices = []\n").contains("gpu.indices"));
         assert!(err("[gpu]\nindices = [1, 1]\n").contains("gpu.indices"));
