@@ -2,12 +2,13 @@
 # Decision-cycle jitter to sub-millisecond: the agent scrapes vLLM first thing in each cycle,
 # so a stamping proxy in front of vllm-sim records every cycle start (scripts/cycle-probe.py
 # proxy). Runs vllm-sim, the proxy, the agent (config: backend "sim", metrics_url = proxy),
-# `gpu-agent loadgen` on vllm-sim (LOAD=1) and `wrk` on the agent's /metrics (WRK=1), all on
+# `gpu-agent loadgen` on vllm-sim (LOAD=1) and `wrk` on the agent's /metrics (WRK=1; paced at
+# RATE requests/s when RATE > 0), all on
 # loopback, for DURATION (60) seconds, then stops them all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/measure-lib.sh
-DURATION=${DURATION:-60}; THREADS=${THREADS:-2}; CONNS=${CONNS:-32}; WRK=${WRK:-1}; LOAD=${LOAD:-1}
+DURATION=${DURATION:-60}; THREADS=${THREADS:-2}; CONNS=${CONNS:-32}; WRK=${WRK:-1}; LOAD=${LOAD:-1}; RATE=${RATE:-0}
 TRACE=${TRACE:-config/traces/decode-heavy.csv}
 dir=$(mktemp -d /tmp/gpu-agent-jitter.XXXXXX)
 pids=()
@@ -43,11 +44,11 @@ apid=$(agent_of "$agent")
 if [ "$LOAD" = 1 ]; then
     timeout $limit "$BIN/gpu-agent" loadgen --url "http://127.0.0.1:$vport" --trace "$TRACE" >"$dir/loadgen.log" 2>&1 & pids+=($!)
 fi
-echo "agent pid $apid; wrk=$WRK loadgen=$LOAD; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "agent pid $apid; wrk=$WRK rate=$RATE loadgen=$LOAD; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 curl -sf "http://127.0.0.1:$aport/metrics" >"$dir/before.txt"
 t0=$(cpu_ticks "$apid"); s0=$(date +%s.%N)
 if [ "$WRK" = 1 ]; then
-    wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$aport/metrics"
+    wrk_paced "http://127.0.0.1:$aport/metrics" "$DURATION" "$THREADS" "$CONNS" "$RATE"
 else
     sleep "$DURATION"
 fi

@@ -2,13 +2,14 @@
 # Load on the agent's /metrics while its decision loop runs (gpu-agent --simulate: simulated
 # GPU, vLLM and built-in load), loopback only, bounded in time.
 #   1. BASELINE_S (30) seconds without load: cycle jitter from a 10 ms poll of gpu_agent_cycles_total.
-#   2. DURATION (60) seconds of `wrk -tTHREADS -cCONNS --latency .../metrics`, with the same poll,
+#   2. DURATION (60) seconds of `wrk -tTHREADS -cCONNS --latency .../metrics` (paced at RATE
+#      requests/s when RATE > 0), with the same poll,
 #      the cycle-duration histogram before/after, and the agent's CPU share and memory.
 # Needs: cargo build --release --workspace; wrk (apt-get install wrk); python3; curl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/measure-lib.sh
-DURATION=${DURATION:-60}; BASELINE_S=${BASELINE_S:-30}; THREADS=${THREADS:-2}; CONNS=${CONNS:-32}
+DURATION=${DURATION:-60}; BASELINE_S=${BASELINE_S:-30}; THREADS=${THREADS:-2}; CONNS=${CONNS:-32}; RATE=${RATE:-0}
 PORT=${PORT:-$(free_port)}
 dir=$(mktemp -d /tmp/gpu-agent-load.XXXXXX)
 agent=""; poller=""
@@ -32,12 +33,12 @@ echo "agent pid $apid on $url; $(nproc) cores; load average $(cut -d' ' -f1-3 /p
 echo "== baseline: ${BASELINE_S}s, no load"
 python3 scripts/cycle-probe.py poll "$url/metrics" --interval 0.01 --duration "$BASELINE_S" || true
 
-echo "== wrk -t$THREADS -c$CONNS -d${DURATION}s --latency $url/metrics"
+echo "== wrk -t$THREADS -c$CONNS -d${DURATION}s --latency $url/metrics (RATE=$RATE/s; 0: unpaced)"
 curl -sf "$url/metrics" >"$dir/before.txt"
 t0=$(cpu_ticks "$apid"); s0=$(date +%s.%N)
 python3 scripts/cycle-probe.py poll "$url/metrics" --interval 0.01 --duration "$DURATION" >"$dir/poll.txt" &
 poller=$!
-wrk -t"$THREADS" -c"$CONNS" -d"${DURATION}s" --latency "$url/metrics"
+wrk_paced "$url/metrics" "$DURATION" "$THREADS" "$CONNS" "$RATE"
 wait "$poller" || true; poller=""
 echo "agent CPU during wrk: $(cpu_share "$apid" "$t0" "$s0")"
 echo "agent memory after wrk: $(mem "$apid")"

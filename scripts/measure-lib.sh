@@ -41,3 +41,19 @@ agent_of() {
     done
     echo "$p"
 }
+
+# wrk_paced URL DURATION THREADS CONNS RATE: wrk at about RATE requests/s in all (0: as fast as
+# it can). wrk has no rate option; a Lua delay() of CONNS*1000/RATE ms between each connection's
+# requests caps it (each connection waits, then sends, then waits for the answer, so the rate
+# reached is a little under RATE; wrk reports the real one).
+wrk_paced() {
+    local url=$1 dur=$2 threads=$3 conns=$4 rate=$5 script=""
+    if [ "$rate" -gt 0 ]; then
+        script=$(mktemp /tmp/wrk-pace.XXXXXX.lua)
+        echo "function delay() return $(( conns * 1000 / rate )) end" >"$script"
+        wrk -t"$threads" -c"$conns" -d"${dur}s" --latency -s "$script" "$url"
+        rm -f "$script"
+    else
+        wrk -t"$threads" -c"$conns" -d"${dur}s" --latency "$url"
+    fi
+}
