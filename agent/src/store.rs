@@ -98,7 +98,7 @@ fn try_open(path: &Path) -> Result<sled::Db, OpenProblem> {
             let msg = e.to_string();
             Err(if is_lock_error(&msg) {
                 OpenProblem::Locked
-            } else if matches!(&e, sled::Error::Io(io) if is_refusal(io.kind())) {
+            } else if matches!(&e, sled::Error::Io(io) if is_refusal(io)) {
                 OpenProblem::Refused(msg)
             } else {
                 OpenProblem::Broken(msg)
@@ -112,10 +112,14 @@ fn is_lock_error(msg: &str) -> bool {
     msg.contains("could not acquire lock") || msg.contains("WouldBlock") || msg.contains("Resource temporarily unavailable")
 }
 
-/// I/O errors that say the filesystem refuses to write, not that the store is corrupt.
-fn is_refusal(kind: std::io::ErrorKind) -> bool {
-    use std::io::ErrorKind as K;
-    matches!(kind, K::StorageFull | K::ReadOnlyFilesystem | K::PermissionDenied | K::QuotaExceeded)
+/// I/O errors that say the filesystem refuses to write (full, read-only, no permission, over
+/// quota), not that the store is corrupt. By errno: the matching `ErrorKind`s are newer than
+/// our minimum Rust version.
+fn is_refusal(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    let refused = [Errno::ENOSPC, Errno::EROFS, Errno::EACCES, Errno::EPERM, Errno::EDQUOT];
+    e.kind() == std::io::ErrorKind::PermissionDenied
+        || e.raw_os_error().is_some_and(|n| refused.contains(&Errno::from_raw(n)))
 }
 
 /// Why an opened database cannot be used as it is, if it cannot.
