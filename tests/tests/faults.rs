@@ -138,12 +138,15 @@ fn agent_metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option
     metric(&get(addr, "/metrics").ok()?.body, name, labels)
 }
 
-/// SIGTERM, then exit code 0 and no panic; returns the agent's stderr.
+/// SIGTERM, then exit code 0, no panic and the clocks given back on the way out; returns the
+/// agent's stderr.
 fn stop_cleanly(agent: Proc) -> String {
     agent.signal("TERM");
     let (code, err) = agent.wait_exit(Duration::from_secs(10));
     assert_eq!(code, Some(0), "agent exit code; stderr:\n{err}");
     assert!(!err.contains("panicked"), "the agent panicked:\n{err}");
+    assert!(err.contains("shutting down: resetting clocks"), "no clock reset on exit:\n{err}");
+    assert!(!err.contains("could not reset clocks"), "the reset on exit failed:\n{err}");
     err
 }
 
