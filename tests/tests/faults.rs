@@ -1,6 +1,8 @@
 //! Fault tests, end to end: the real `gpu-agent` (simulated GPU, `[gpu] backend = "sim"`) next
-//! to a vLLM that misbehaves (answers garbage, hangs) or a state store that is corrupt, unusable
-//! or held by another agent. In every case the agent must stay up, never lock a clock while it
+//! to a vLLM that misbehaves (answers garbage, hangs) or a state store that is corrupt, unusable,
+//! held by another agent, on a full or read-only filesystem (tmpfs / bind mounts: root only,
+//! skipped with a `SKIPPED:` line otherwise) or truncated; and the agent SIGKILLed with a clock
+//! locked, then `gpu-agent reset-clocks` and a restart. In every case the agent must stay up, never lock a clock while it
 //! does not understand vLLM, and exit cleanly (code 0, no panic) on SIGTERM.
 //! vLLM killed and restarted is covered by `agent_with_vllm_sim.rs`
 //! (`pinned_clock_goes_back_to_default_when_vllm_stops_answering`). docs/reliability.md has the
