@@ -1,0 +1,95 @@
+//! Benchmark of the tuner's strategies on the simulator (virtual time, `--launch sim`): how
+//! many trials TPE and random search need to come within 5% of the grid optimum.
+//!
+//! `cargo run --release --example tune_bench -- SPACE.toml... [--seeds N]`
+//! For each space: one full grid study gives the optimum; then TPE and random studies with a
+//! budget of a third of the grid, over N seeds, report the trial (baseline counted) at which
+//! their best first reached 95% of it: median and worst (`>budget` when never).
+
+use std::path::PathBuf;
+
+use gpu_agent::tuner::study::SharedProgress;
+use gpu_agent::tuner::trial::{TrialKind, TrialRecord};
+use gpu_agent::tuner::{run_study, Evaluator, SearchSpace, StudyConfig, Strategy};
+
+fn study(space: &SearchSpace, strategy: Strategy, seed: u64, trials: u32, dir: &std::path::Path) -> anyhow::Result<Vec<TrialRecord>> {
+    let mut s = space.clone();
+    s.study.strategy = strategy;
+    s.study.seed = seed;
+    s.study.trials = trials;
+    s.study.gpu_sets = vec!["0".into()];
+    let cfg = StudyConfig { space: s, launch: "sim".into(), evaluator: Evaluator::Sim, dir: dir.to_path_buf(), fresh: true };
+    let rt = tokio::runtime::Runtime::new()?;
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    rt.block_on(run_study(cfg, SharedProgress::default(), rx))?;
+    let text = std::fs::read_to_string(dir.join("result.json"))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let mut recs: Vec<TrialRecord> = Vec::new();
+    for t in v["all_trials"].as_array().into_iter().flatten() {
+        if t["kind"] == "profile" {
+            continue;
+        }
+        recs.push(TrialRecord {
+            id: t["id"].as_u64().unwrap_or(0) as u32,
+            kind: if t["kind"] == "baseline" { TrialKind::Baseline } else { TrialKind::Search },
+            point: None,
+            flags: Default::default(),
+            gpu_set: String::new(),
+            status: gpu_agent::tuner::trial::TrialStatus::Done,
+            score: t["score"].as_f64(),
+            searches: vec![],
+            started_unix: 0,
+            seconds: 0.0,
+        });
+    }
+    recs.sort_by_key(|r| r.id);
+    Ok(recs)
+}
+
+/// 1-based trial count at which the best score first reached `target`.
+fn reached(recs: &[TrialRecord], target: f64) -> Option<usize> {
+    let mut best = f64::NEG_INFINITY;
+    for (i, r) in recs.iter().enumerate() {
+        best = best.max(r.score.unwrap_or(f64::NEG_INFINITY));
+        if best >= target {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut seeds = 10u64;
+    if let Some(i) = args.iter().position(|a| a == "--seeds") {
+        seeds = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(10);
+        args.drain(i..(i + 2).min(args.len()));
+    }
+    let tmp = tempfile::tempdir()?;
+    println!("| space | grid points | grid optimum (req/s) | strategy | budget | trials to within 5%: median | worst | seeds reaching it |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for path in args {
+        let space = SearchSpace::load(&PathBuf::from(&path))?;
+        let grid = space.grid_size() as u32;
+        let recs = study(&space, Strategy::Grid, 1, grid + 1, &tmp.path().join("grid"))?;
+        let opt = recs.iter().filter_map(|r| r.score).fold(0.0, f64::max);
+        let grid_trials = reached(&recs, 0.95 * opt).unwrap_or(recs.len());
+        println!("| {} | {grid} | {opt:.2} | grid | {} | {grid_trials} (in file order) | - | - |", space.study.name, grid + 1);
+        let budget = (grid + 1) / 3;
+        for strategy in [Strategy::Tpe, Strategy::Random] {
+            let mut counts: Vec<Option<usize>> = Vec::new();
+            for seed in 1..=seeds {
+                let recs = study(&space, strategy, seed, budget, &tmp.path().join(format!("{strategy}-{seed}")))?;
+                counts.push(reached(&recs, 0.95 * opt));
+            }
+            let hits = counts.iter().filter(|c| c.is_some()).count();
+            let mut sorted: Vec<usize> = counts.iter().map(|c| c.unwrap_or(usize::MAX)).collect();
+            sorted.sort_unstable();
+            let show = |v: usize| if v == usize::MAX { format!(">{budget}") } else { v.to_string() };
+            let median = show(sorted[(sorted.len() - 1) / 2]);
+            let worst = show(*sorted.last().unwrap_or(&usize::MAX));
+            println!("| {} | {grid} | {opt:.2} | {strategy} | {budget} | {median} | {worst} | {hits}/{seeds} |", space.study.name);
+        }
+    }
+    Ok(())
+}
