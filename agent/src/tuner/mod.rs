@@ -9,6 +9,7 @@
 pub mod launch;
 pub mod rate;
 pub mod report;
+pub mod service;
 pub mod simulate;
 pub mod space;
 pub mod store;

@@ -31,7 +31,7 @@ pub enum TuneError {
     Dir { path: String, source: std::io::Error },
     #[error("no --gpu-memory-utilization from {start} down to {min} starts the server; last failure: {last}")]
     NoMemory { start: f64, min: f64, last: String },
-    #[error("the server does not start with the largest flags: {0}")]
+    #[error("the server does not start with the baseline flags: {0}")]
     Start(StartFailure),
     #[error("stopped")]
     Stopped,
@@ -98,24 +98,6 @@ fn baseline_flags(space: &SearchSpace, gmu: f64) -> BTreeMap<String, String> {
     f
 }
 
-/// The most memory-hungry point: each ordered parameter's largest value.
-fn largest_point(space: &SearchSpace) -> Point {
-    space
-        .active()
-        .iter()
-        .map(|p| {
-            let vals = p.values();
-            if !p.ordinal() {
-                return 0;
-            }
-            vals.iter()
-                .enumerate()
-                .max_by(|a, b| a.1.parse::<f64>().unwrap_or(0.0).total_cmp(&b.1.parse::<f64>().unwrap_or(0.0)))
-                .map_or(0, |(i, _)| i)
-        })
-        .collect()
-}
-
 /// Runs (or resumes) a study to the end, or until `cancel` turns true.
 pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: watch::Receiver<bool>) -> Result<StudySummary, TuneError> {
     let dir = cfg.dir.clone();
@@ -130,7 +112,9 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
     let space = Arc::new(cfg.space.clone());
     let meta = StudyMeta {
         schema: STUDY_SCHEMA,
-        space_json: serde_json::to_string(&*space).unwrap_or_default(),
+        // The trial budget is not part of the identity: a study may be resumed with more.
+        space_json: serde_json::to_string(&SearchSpace { study: super::space::StudySpec { trials: 0, ..space.study.clone() }, ..(*space).clone() })
+            .unwrap_or_default(),
         launch: cfg.launch.clone(),
         created_unix: now_unix(),
     };
@@ -313,15 +297,16 @@ async fn cancelled(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Highest utilisation (from `start` down by `step`) that starts with the largest flags.
+/// Highest utilisation (from `start` down by `step`) that starts with the baseline flags
+/// (vLLM's defaults), as auto_tune.sh does; trials whose flags need more memory then fail as
+/// out-of-memory and are recorded as such.
 async fn memory_search(ctx: &TrialContext, dir: &Path) -> Result<f64, TuneError> {
     let m = &ctx.space.gpu_memory_utilization;
-    let largest = largest_point(&ctx.space);
     let mut u = m.start;
     let mut last = String::from("none tried");
     while u >= m.min - 1e-9 {
         let v = (u * 1000.0).round() / 1000.0;
-        let flags = point_flags(&ctx.space, v, &largest);
+        let flags = baseline_flags(&ctx.space, v);
         let log = dir.join("trials").join(format!("memory-{v}.log"));
         match ctx.starts(&flags, &ctx.space.study.gpu_sets[0], &log).await {
             Ok(()) => return Ok(v),
