@@ -306,4 +306,24 @@ mod tests {
         assert_eq!(start_ticks(i32::MAX), None);
         assert!(!kill_leftover(LiveGroup { pgid: me, start_ticks: 1 }), "a different start time is not ours");
     }
+
+    #[test]
+    fn leftover_groups_are_killed_whole() {
+        use std::os::unix::process::CommandExt;
+        // A group leader with a child, as a server with workers.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let pid = i32::try_from(leader.id()).expect("pid");
+        std::thread::sleep(Duration::from_millis(200));
+        let g = LiveGroup { pgid: pid, start_ticks: start_ticks(pid).expect("running") };
+        assert!(kill_leftover(g));
+        let status = leader.wait().expect("wait");
+        assert!(!status.success());
+        // The child was in the group too: nothing with that group id remains.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(killpg(Pid::from_raw(pid), None).is_err(), "group gone");
+    }
 }
