@@ -322,8 +322,18 @@ mod tests {
         assert!(kill_leftover(g));
         let status = leader.wait().expect("wait");
         assert!(!status.success());
-        // The child was in the group too: nothing with that group id remains.
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(killpg(Pid::from_raw(pid), None).is_err(), "group gone");
+        // The child was in the group too: nothing alive (zombies aside) remains in it.
+        let alive_in_group = || {
+            std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+                let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+                let rest: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+                rest.len() > 2 && rest[0] != "Z" && rest[2] == pid.to_string()
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive_in_group() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!alive_in_group(), "group gone");
     }
 }
