@@ -1,5 +1,6 @@
 //! `gpu-agent`: the daemon, plus one-shot subcommands for operators.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -354,15 +355,17 @@ async fn tune(args: TuneArgs) -> ExitCode {
     });
     match study.await {
         Ok(Ok(summary)) => {
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&summary).unwrap_or_default());
+            let text = if args.json {
+                serde_json::to_string_pretty(&summary).unwrap_or_default()
             } else {
-                match &summary.best {
-                    Some(b) => println!("best: {}", b),
-                    None => println!("no trial met the limits at any rate"),
-                }
-                println!("results in {}", summary.study_dir);
-            }
+                let best = match &summary.best {
+                    Some(b) => format!("best: {b}"),
+                    None => "no trial met the limits at any rate".to_string(),
+                };
+                format!("{best}\nresults in {}", summary.study_dir)
+            };
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = writeln!(std::io::stdout(), "{text}");
             ExitCode::SUCCESS
         }
         Ok(Err(tuner::TuneError::Stopped)) => {

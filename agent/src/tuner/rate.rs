@@ -219,7 +219,7 @@ mod tests {
         assert!(s.runs[0].request_rate.is_none() && !s.runs[0].passed);
         let best = s.best().expect("a passing rate");
         let rate = best.request_rate.expect("finite");
-        assert!(rate <= 15.375 && rate >= 15.375 * 0.9, "{rate}");
+        assert!((15.375 * 0.9..=15.375).contains(&rate), "{rate}");
         assert!(s.runs.len() <= 8);
         assert!(s.runs.iter().any(|r| r.violation.as_deref().is_some_and(|v| v.starts_with("p99_e2el_ms"))));
     }
