@@ -28,8 +28,12 @@ fn marker(tag: &str) -> String {
     format!("e2e-tune-{tag}-{}", std::process::id())
 }
 
+/// vllm-sim through a shell that first prints the GPU set it was given.
 fn launch() -> String {
-    format!("{} serve {{model}} --host 127.0.0.1 {{flags}}", bin("vllm-sim").display())
+    format!(
+        r#"sh -c 'echo "gpu set $CUDA_VISIBLE_DEVICES"; exec "$0" "$@"' {} serve {{model}} --host 127.0.0.1 {{flags}}"#,
+        bin("vllm-sim").display()
+    )
 }
 
 /// Best flags: max-num-seqs 32 (the most capacity) with 2048 batched tokens (400000 does not
@@ -46,6 +50,7 @@ trials = 20
 startup_timeout_s = 20
 stop_grace_s = 5
 max_rate_runs = 2
+gpu_sets = ["0", "1"]
 [[parameter]]
 flag = "max-num-seqs"
 options = [1, 4, 32]
@@ -115,6 +120,13 @@ fn tune_launches_vllm_sim_finds_the_best_flags_and_writes_every_output() {
     let svg = std::fs::read_to_string(study.join("report.svg")).expect("svg");
     assert!(svg.starts_with("<svg") && svg.contains("Pareto front") && svg.contains("baseline"), "svg");
     assert!(std::fs::read_to_string(study.join("trials/0001.log")).expect("trial log").contains("Uvicorn running"));
+    // Two GPU sets: trials ran on both, each server told its own.
+    let sets: std::collections::BTreeSet<String> = trials.iter().map(|t| t["gpu_set"].as_str().unwrap_or("").to_string()).collect();
+    assert_eq!(sets.into_iter().collect::<Vec<_>>(), ["0", "1"]);
+    for t in trials.iter().filter(|t| t["kind"] != "profile") {
+        let log = std::fs::read_to_string(study.join(format!("trials/{:04}.log", t["id"].as_u64().expect("id")))).expect("log");
+        assert!(log.starts_with(&format!("gpu set {}\n", t["gpu_set"].as_str().expect("set"))), "{log}");
+    }
 
     // The capacity profile: the best flags measured on both buckets.
     let p = CapacityProfile::load(&study.join("capacity-profile.json")).expect("profile");
