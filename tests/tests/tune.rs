@@ -217,9 +217,9 @@ fn a_study_resumes_with_its_finished_trials_and_bad_input_is_named() {
     assert_eq!(second.status.code(), Some(0), "{err}");
     let v: serde_json::Value = serde_json::from_slice(&second.stdout).expect("json");
     assert_eq!(v["trials"], 9);
-    let started: Vec<&str> = err.lines().filter(|l| l.contains("trial starts")).collect();
-    assert_eq!(started.len(), 3, "only the 3 new trials run: {err}");
-    assert!(started.iter().all(|l| !l.contains("id=0 ") && !l.contains("id=5 ")), "{err}");
+    let ran: Vec<&str> = err.lines().filter(|l| l.contains("trial done")).collect();
+    assert_eq!(ran.len(), 3, "only the 3 new trials run: {err}");
+    assert!(ran.iter().all(|l| !l.contains("id=0 ") && !l.contains("id=5 ")), "{err}");
 
     // A different space in the same directory is refused, not mixed in.
     std::fs::write(&space_path, sim_space(6).replace("p99_tpot_ms = 20", "p99_tpot_ms = 30")).expect("space");
@@ -276,6 +276,38 @@ fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
 
     let o = ctl(&["tune", "status"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("best flags --enable-prefix-caching") || String::from_utf8_lossy(&o.stdout).contains("best flags --gpu-memory-utilization"), "{}", String::from_utf8_lossy(&o.stdout));
+    // Stop a long study half-way, then resume it: the trials done are kept.
+    let long = dir.path().join("long.toml");
+    std::fs::write(&long, sim_space(120).replace("name = \"sim\"", "name = \"long\"").replace("strategy = \"tpe\"", "strategy = \"grid\"")).expect("space");
+    let o = ctl(&["tune", "start", "--space", long.to_str().expect("path"), "--launch", "sim", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let progress = |o: std::process::Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("progress json");
+    wait_for(Duration::from_secs(20), "a few trials", || (progress(ctl(&["tune", "status", "--json"]))["trials_done"].as_u64() >= Some(3)).then_some(()));
+    let o = ctl(&["tune", "start", "--space", space_path.to_str().expect("path"), "--launch", "sim"]);
+    assert_eq!(o.status.code(), Some(1), "one study at a time");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is running"));
+    assert_eq!(ctl(&["tune", "stop"]).status.code(), Some(0));
+    let stopped = wait_for(Duration::from_secs(20), "the study to stop", || {
+        let p = progress(ctl(&["tune", "status", "--json"]));
+        (p["state"] == "stopped").then_some(p)
+    });
+    let done = stopped["trials_done"].as_u64().expect("done");
+    assert!(done < 120, "{stopped}");
+    let o = ctl(&["tune", "start", "--space", long.to_str().expect("path"), "--launch", "sim", "--json"]);
+    assert_eq!(o.status.code(), Some(0));
+    wait_for(Duration::from_secs(20), "the resumed study to run more trials", || {
+        (progress(ctl(&["tune", "status", "--json"]))["trials_done"].as_u64() > Some(done)).then_some(())
+    });
+    assert_eq!(ctl(&["tune", "stop"]).status.code(), Some(0));
+    wait_for(Duration::from_secs(20), "the study to stop", || (progress(ctl(&["tune", "status", "--json"]))["state"] == "stopped").then_some(()));
+    // The resumed study kept the first run's trials: one baseline, no point tried twice.
+    let r: serde_json::Value = serde_json::from_slice(&ctl(&["tune", "results"]).stdout).expect("result.json");
+    let trials = r["all_trials"].as_array().expect("trials");
+    assert!(trials.len() as u64 > done);
+    assert_eq!(trials.iter().filter(|t| t["kind"] == "baseline").count(), 1);
+    let points: std::collections::BTreeSet<String> = trials.iter().filter(|t| t["kind"] == "search").map(|t| t["flags"].to_string()).collect();
+    assert_eq!(points.len(), trials.len() - 1, "no point tried twice");
+
     let o = ctl(&["tune", "start", "--space", "/nonexistent.toml", "--launch", "sim"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.toml"));

@@ -192,7 +192,7 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
             pending.push((id, point.clone()));
             let (ctx, gpu_set, log) = (ctx.clone(), sets[set].clone(), dir.join("trials").join(format!("{id:04}.log")));
             let buckets = vec![space.load.buckets[0]];
-            info!(id, ?kind, flags = ?flags, gpu_set = %gpu_set, "trial starts");
+            tracing::debug!(id, ?kind, flags = ?flags, gpu_set = %gpu_set, "trial starts");
             running.spawn(async move {
                 let started = Instant::now();
                 let started_unix = now_unix();
@@ -210,7 +210,7 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
             done = running.join_next() => {
                 let Some(done) = done else { break };
                 let (rec, set) = done.map_err(|e| TuneError::Report(format!("trial task failed: {e}")))?;
-                info!(id = rec.id, status = rec.status.label(), score = ?rec.score, "trial done");
+                info!(id = rec.id, kind = ?rec.kind, status = rec.status.label(), score = ?rec.score, flags = ?rec.flags, "trial done");
                 store.put_trial(&rec)?;
                 append_trial_log(&dir, &rec);
                 pending.retain(|p| p.0 != rec.id);
