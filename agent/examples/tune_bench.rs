@@ -9,10 +9,11 @@
 use std::path::PathBuf;
 
 use gpu_agent::tuner::study::SharedProgress;
-use gpu_agent::tuner::trial::{TrialKind, TrialRecord};
 use gpu_agent::tuner::{run_study, Evaluator, SearchSpace, StudyConfig, Strategy};
 
-fn study(space: &SearchSpace, strategy: Strategy, seed: u64, trials: u32, dir: &std::path::Path) -> anyhow::Result<Vec<TrialRecord>> {
+/// Runs one study on the simulator and returns each trial's score in trial order (baseline
+/// first; None: failed).
+fn study(space: &SearchSpace, strategy: Strategy, seed: u64, trials: u32, dir: &std::path::Path) -> anyhow::Result<Vec<Option<f64>>> {
     let mut s = space.clone();
     s.study.strategy = strategy;
     s.study.seed = seed;
@@ -22,35 +23,23 @@ fn study(space: &SearchSpace, strategy: Strategy, seed: u64, trials: u32, dir: &
     let rt = tokio::runtime::Runtime::new()?;
     let (_tx, rx) = tokio::sync::watch::channel(false);
     rt.block_on(run_study(cfg, SharedProgress::default(), rx))?;
-    let text = std::fs::read_to_string(dir.join("result.json"))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    let mut recs: Vec<TrialRecord> = Vec::new();
-    for t in v["all_trials"].as_array().into_iter().flatten() {
-        if t["kind"] == "profile" {
-            continue;
-        }
-        recs.push(TrialRecord {
-            id: t["id"].as_u64().unwrap_or(0) as u32,
-            kind: if t["kind"] == "baseline" { TrialKind::Baseline } else { TrialKind::Search },
-            point: None,
-            flags: Default::default(),
-            gpu_set: String::new(),
-            status: gpu_agent::tuner::trial::TrialStatus::Done,
-            score: t["score"].as_f64(),
-            searches: vec![],
-            started_unix: 0,
-            seconds: 0.0,
-        });
-    }
-    recs.sort_by_key(|r| r.id);
-    Ok(recs)
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("result.json"))?)?;
+    let mut scores: Vec<(u64, Option<f64>)> = v["all_trials"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["kind"] != "profile")
+        .map(|t| (t["id"].as_u64().unwrap_or(0), t["score"].as_f64()))
+        .collect();
+    scores.sort_by_key(|s| s.0);
+    Ok(scores.into_iter().map(|s| s.1).collect())
 }
 
 /// 1-based trial count at which the best score first reached `target`.
-fn reached(recs: &[TrialRecord], target: f64) -> Option<usize> {
+fn reached(scores: &[Option<f64>], target: f64) -> Option<usize> {
     let mut best = f64::NEG_INFINITY;
-    for (i, r) in recs.iter().enumerate() {
-        best = best.max(r.score.unwrap_or(f64::NEG_INFINITY));
+    for (i, s) in scores.iter().enumerate() {
+        best = best.max(s.unwrap_or(f64::NEG_INFINITY));
         if best >= target {
             return Some(i + 1);
         }
@@ -72,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         let space = SearchSpace::load(&PathBuf::from(&path))?;
         let grid = space.grid_size() as u32;
         let recs = study(&space, Strategy::Grid, 1, grid + 1, &tmp.path().join("grid"))?;
-        let opt = recs.iter().filter_map(|r| r.score).fold(0.0, f64::max);
+        let opt = recs.iter().flatten().fold(0.0, |a: f64, b| a.max(*b));
         let grid_trials = reached(&recs, 0.95 * opt).unwrap_or(recs.len());
         println!("| {} | {grid} | {opt:.2} | grid | {} | {grid_trials} (in file order) | - | - |", space.study.name, grid + 1);
         let budget = (grid + 1) / 3;

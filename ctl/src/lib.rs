@@ -159,8 +159,9 @@ pub enum TuneReply {
 pub enum Response {
     Ok(String),
     Status(Box<StatusReport>),
-    Tune(TuneReply),
     Error { kind: ErrorKind, message: String },
+    /// Added after `Error`, whose index older clients decode in the hello answer.
+    Tune(TuneReply),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

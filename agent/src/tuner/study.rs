@@ -230,11 +230,7 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
     }
 
     // 3. Capacity profile of the best flags on every bucket.
-    let best = records
-        .iter()
-        .filter(|r| r.kind != TrialKind::Profile && r.score.is_some_and(|s| s > 0.0))
-        .max_by(|a, b| a.score.unwrap_or(0.0).total_cmp(&b.score.unwrap_or(0.0)))
-        .cloned();
+    let best = report::best(&records).cloned();
     let mut profile_rec = None;
     if let Some(best) = &best {
         if space.load.buckets.len() == 1 {
@@ -323,7 +319,7 @@ async fn memory_search(ctx: &TrialContext, dir: &Path) -> Result<f64, TuneError>
 
 fn show(progress: &SharedProgress, records: &[TrialRecord]) {
     let searched: Vec<&TrialRecord> = records.iter().filter(|r| r.kind != TrialKind::Profile).collect();
-    let best = searched.iter().filter(|r| r.score.is_some()).max_by(|a, b| a.score.unwrap_or(0.0).total_cmp(&b.score.unwrap_or(0.0)));
+    let best = report::best(records);
     update(progress, |p| {
         p.trials_done = searched.len() as u32;
         p.trials_failed = searched.iter().filter(|r| r.score.is_none()).count() as u32;
