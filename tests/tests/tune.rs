@@ -315,3 +315,24 @@ fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
     let (code, err) = agent.wait_exit(Duration::from_secs(20));
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[test]
+fn a_dataset_of_request_lengths_is_tuned_on_and_profiled() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rows: String = (0..50).map(|i| format!("{},{}\n", 200 + 40 * (i % 10), 20 + 4 * (i % 5))).collect();
+    std::fs::write(dir.path().join("lengths.csv"), format!("input_tokens,output_tokens\n{rows}")).expect("dataset");
+    let space = sim_space(5).replace("buckets = [{ input_tokens = 512, output_tokens = 64 }]", "dataset = \"lengths.csv\"\nbuckets = [{ input_tokens = 2048, output_tokens = 16 }]");
+    let space_path = dir.path().join("space.toml");
+    std::fs::write(&space_path, space).expect("space");
+    let study = dir.path().join("study");
+    let o = tune(&["--space", space_path.to_str().expect("path"), "--launch", "sim", "--study-dir", study.to_str().expect("path"), "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = CapacityProfile::load(&study.join("capacity-profile.json")).expect("profile");
+    // The dataset's mean lengths (380 in, 28 out) first, then the extra bucket.
+    let lens: Vec<(u32, u32)> = p.buckets.iter().map(|b| (b.input_tokens, b.output_tokens)).collect();
+    assert_eq!(lens, vec![(380, 28), (2048, 16)]);
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(study.join("result.json")).expect("json")).expect("json");
+    let first = &r["all_trials"][0]["buckets"][0]["runs"][0];
+    assert_eq!(first["request_rate"], "inf");
+    assert_eq!(first["completed"], 100, "`requests` rows replayed: {first}");
+}

@@ -130,6 +130,15 @@ where
     Fut: Future<Output = Result<RunFigures, E>>,
 {
     let mut runs = Vec::new();
+    // The offered rate is the one asked for (a replayed dataset's schedule reads as bursts).
+    let mut run = |rate: Option<f64>| {
+        let fut = run(rate);
+        async move {
+            let mut f = fut.await?;
+            f.request_rate = rate;
+            Ok::<RunFigures, E>(f)
+        }
+    };
     let first = run(None).await?;
     let saturation = first.request_throughput;
     let passed_unlimited = first.passed;

@@ -133,6 +133,51 @@ fn flag_value(v: &Value) -> String {
     v.to_string()
 }
 
+/// A load to measure: a length bucket, or the dataset (labelled with its mean lengths).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Workload {
+    pub bucket: Bucket,
+    pub dataset: bool,
+}
+
+/// Rows of `input_tokens,output_tokens`: CSV with that header, or JSON lines with those keys
+/// (`prompt_tokens` / `completion_tokens` also accepted). Blank and `#` lines are skipped.
+pub fn parse_dataset(text: &str) -> Result<Vec<(u32, u32)>, String> {
+    let mut rows = Vec::new();
+    let mut header_seen = false;
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let n = i + 1;
+        let pos = |v: Option<u64>, what: &str| {
+            v.and_then(|x| u32::try_from(x).ok()).filter(|x| *x > 0).ok_or_else(|| format!("line {n}: `{what}` must be a positive integer"))
+        };
+        if l.starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(l).map_err(|e| format!("line {n}: {e}"))?;
+            let get = |a: &str, b: &str| v.get(a).or_else(|| v.get(b)).and_then(serde_json::Value::as_u64);
+            rows.push((pos(get("input_tokens", "prompt_tokens"), "input_tokens")?, pos(get("output_tokens", "completion_tokens"), "output_tokens")?));
+        } else if !header_seen && rows.is_empty() {
+            let cols: Vec<&str> = l.split(',').map(str::trim).collect();
+            if cols != ["input_tokens", "output_tokens"] {
+                return Err(format!("line {n}: expected the header `input_tokens,output_tokens`"));
+            }
+            header_seen = true;
+        } else {
+            let cols: Vec<&str> = l.split(',').map(str::trim).collect();
+            if cols.len() != 2 {
+                return Err(format!("line {n}: expected 2 columns, found {}", cols.len()));
+            }
+            rows.push((pos(cols[0].parse().ok(), "input_tokens")?, pos(cols[1].parse().ok(), "output_tokens")?));
+        }
+    }
+    if rows.is_empty() {
+        return Err("no rows".into());
+    }
+    Ok(rows)
+}
+
 /// One input/output length pair measured.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,7 +191,16 @@ pub struct Bucket {
 #[serde(deny_unknown_fields)]
 pub struct LoadSpec {
     /// Length pairs; the search runs on the first, the capacity profile measures them all.
+    #[serde(default)]
     pub buckets: Vec<Bucket>,
+    /// A dataset of requests' lengths (CSV `input_tokens,output_tokens`, or JSON lines with
+    /// those keys), relative to the space file. When set, the search replays it (each run
+    /// draws `requests` of its rows, seeded) and `buckets` only add capacity-profile points.
+    #[serde(default)]
+    pub dataset: Option<std::path::PathBuf>,
+    /// The dataset's rows, read by [`SearchSpace::load`].
+    #[serde(skip)]
+    pub dataset_rows: Vec<(u32, u32)>,
     /// Share of each prompt that is a common prefix (prefix-cache hits), 0..1.
     #[serde(default)]
     pub prefix_share: f64,
@@ -299,7 +353,29 @@ impl SearchSpace {
     pub fn load(path: &Path) -> Result<SearchSpace, SpaceError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| SpaceError::Read { path: p.clone(), source })?;
-        SearchSpace::parse(&text).map_err(|message| SpaceError::Invalid { path: p, message })
+        let mut space = SearchSpace::parse(&text).map_err(|message| SpaceError::Invalid { path: p.clone(), message })?;
+        if let Some(d) = &space.load.dataset {
+            let file = path.parent().unwrap_or(Path::new(".")).join(d);
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| SpaceError::Invalid { path: p.clone(), message: format!("field `load.dataset`: {}: {e}", file.display()) })?;
+            space.load.dataset_rows = parse_dataset(&text)
+                .map_err(|m| SpaceError::Invalid { path: p.clone(), message: format!("field `load.dataset`: {}: {m}", file.display()) })?;
+        }
+        Ok(space)
+    }
+
+    /// What each trial is measured on: the dataset (as the bucket of its mean lengths) first
+    /// when there is one, then the buckets.
+    pub fn workloads(&self) -> Vec<Workload> {
+        let mut w = Vec::new();
+        let rows = &self.load.dataset_rows;
+        if !rows.is_empty() {
+            let n = rows.len() as f64;
+            let mean = |f: fn(&(u32, u32)) -> u32| (rows.iter().map(|r| f64::from(f(r))).sum::<f64>() / n).round().max(1.0) as u32;
+            w.push(Workload { bucket: Bucket { input_tokens: mean(|r| r.0), output_tokens: mean(|r| r.1) }, dataset: true });
+        }
+        w.extend(self.load.buckets.iter().map(|b| Workload { bucket: *b, dataset: false }));
+        w
     }
 
     /// Parses and validates; the error is one line naming the field.
@@ -389,8 +465,8 @@ impl SearchSpace {
             return Err("field `gpu_memory_utilization`: needs 0 < min <= start <= 1 and step > 0".into());
         }
         let l = &self.load;
-        if l.buckets.is_empty() {
-            return Err("field `load.buckets`: needs at least one {input_tokens, output_tokens}".into());
+        if l.buckets.is_empty() && l.dataset.is_none() {
+            return Err("field `load.buckets`: needs at least one {input_tokens, output_tokens} (or set `load.dataset`)".into());
         }
         for (i, b) in l.buckets.iter().enumerate() {
             if b.input_tokens == 0 || b.output_tokens == 0 {
@@ -439,7 +515,7 @@ fn one_line(e: &toml::de::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const SMALL: &str = r#"
@@ -475,6 +551,25 @@ p99_e2el_ms = 2000
         let r = Parameter { flag: "x".into(), enabled: true, options: None, range: Some(Range { start: 0.8, end: 0.9, step: 0.05 }), default: None };
         assert_eq!(r.values(), ["0.8", "0.85", "0.9"]);
         assert!(r.ordinal());
+    }
+
+    #[test]
+    fn datasets_load_relative_to_the_space_and_errors_name_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("lens.csv"), "input_tokens,output_tokens\n100,10\n300,30\n").expect("csv");
+        let text = SMALL.replace("buckets = [{ input_tokens = 128, output_tokens = 16 }]", "dataset = \"lens.csv\"\nbuckets = [{ input_tokens = 64, output_tokens = 8 }]");
+        std::fs::write(dir.path().join("s.toml"), &text).expect("space");
+        let s = SearchSpace::load(&dir.path().join("s.toml")).expect("loads");
+        assert_eq!(s.load.dataset_rows, vec![(100, 10), (300, 30)]);
+        let w = s.workloads();
+        assert_eq!(w.len(), 2);
+        assert!(w[0].dataset && w[0].bucket == Bucket { input_tokens: 200, output_tokens: 20 });
+        assert_eq!(parse_dataset("{\"prompt_tokens\": 5, \"output_tokens\": 2}\n").expect("jsonl"), vec![(5, 2)]);
+        assert!(parse_dataset("input_tokens,output_tokens\n5,x\n").expect_err("bad").contains("line 2"));
+        assert!(parse_dataset("a,b\n").expect_err("header").contains("header"));
+        std::fs::write(dir.path().join("lens.csv"), "input_tokens,output_tokens\n0,1\n").expect("csv");
+        let e = SearchSpace::load(&dir.path().join("s.toml")).expect_err("zero").to_string();
+        assert!(e.contains("load.dataset") && e.contains("line 2"), "{e}");
     }
 
     #[test]

@@ -191,7 +191,7 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
             next_id += 1;
             pending.push((id, point.clone()));
             let (ctx, gpu_set, log) = (ctx.clone(), sets[set].clone(), dir.join("trials").join(format!("{id:04}.log")));
-            let buckets = vec![space.load.buckets[0]];
+            let buckets = space.workloads().into_iter().take(1).collect::<Vec<_>>();
             tracing::debug!(id, ?kind, flags = ?flags, gpu_set = %gpu_set, "trial starts");
             running.spawn(async move {
                 let started = Instant::now();
@@ -233,7 +233,7 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
     let best = report::best(&records).cloned();
     let mut profile_rec = None;
     if let Some(best) = &best {
-        if space.load.buckets.len() == 1 {
+        if space.workloads().len() == 1 {
             profile_rec = Some(best.clone());
         } else if let Some(done) = records.iter().find(|r| r.kind == TrialKind::Profile && r.flags == best.flags) {
             profile_rec = Some(done.clone());
@@ -242,7 +242,8 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
             let id = next_id;
             let log = dir.join("trials").join(format!("{id:04}.log"));
             let started = Instant::now();
-            let run = ctx.run(&best.flags, &sets[0], &space.load.buckets, &log);
+            let workloads = space.workloads();
+            let run = ctx.run(&best.flags, &sets[0], &workloads, &log);
             let (status, searches) = tokio::select! {
                 r = run => r,
                 _ = cancelled(&mut cancel) => {

@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 use super::launch::{LiveGroup, Launcher};
 use super::rate::{self, RateSearch, RunFigures};
 use super::simulate::SimServer;
-use super::space::{Bucket, LoadSpec, SearchSpace};
-use crate::sim::load::{run_http, LengthDist, LoadOptions, Schedule};
+use super::space::{Bucket, LoadSpec, SearchSpace, Workload};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::sim::load::{run_http, LengthDist, LoadOptions, Schedule, Segment};
 use crate::vllm::{Scraper, Snapshot};
 
 /// Why a server did not come up.
@@ -105,8 +108,26 @@ pub enum Evaluator {
 /// Called with a server's group when it starts (`true`) and stops (`false`).
 pub type GroupHook = Arc<dyn Fn(LiveGroup, bool) + Send + Sync>;
 
-/// The schedule of one load run on `bucket` at `rate` (None: unlimited).
-pub fn schedule(load: &LoadSpec, bucket: &Bucket, rate: Option<f64>) -> Schedule {
+/// The schedule of one load run on `w` at `rate` (None: unlimited). A dataset is replayed
+/// row by row (a seeded draw of `requests` rows, one single-request segment each, spaced by
+/// exponential gaps at `rate`), so prompt and output lengths stay paired.
+pub fn schedule(load: &LoadSpec, w: &Workload, rate: Option<f64>) -> Schedule {
+    if w.dataset && !load.dataset_rows.is_empty() {
+        let mut rng = StdRng::seed_from_u64(load.seed ^ 0xda7a_5e7);
+        let rows = &load.dataset_rows;
+        let segments = (0..load.requests)
+            .map(|_| {
+                let (i, o) = rows[rng.random_range(0..rows.len())];
+                let gap = match rate {
+                    None => 0.0,
+                    Some(r) => -(1.0 - rng.random::<f64>()).ln() / r.max(1e-6),
+                };
+                Segment::burst(1, gap, LengthDist::Fixed(i), LengthDist::Fixed(o))
+            })
+            .collect();
+        return Schedule { segments };
+    }
+    let bucket = &w.bucket;
     let len = |n: u32| {
         let spread = (f64::from(n) * load.length_spread).round() as u32;
         if spread == 0 {
@@ -159,7 +180,7 @@ impl TrialContext {
     }
 
     /// Runs a trial on `buckets` and returns its status and searches.
-    pub async fn run(&self, flags: &BTreeMap<String, String>, gpu_set: &str, buckets: &[Bucket], log: &Path) -> (TrialStatus, Vec<(Bucket, RateSearch)>) {
+    pub async fn run(&self, flags: &BTreeMap<String, String>, gpu_set: &str, buckets: &[Workload], log: &Path) -> (TrialStatus, Vec<(Bucket, RateSearch)>) {
         let space = &self.space;
         let slo = space.limits.slo();
         let limits = space.limits;
@@ -172,7 +193,7 @@ impl TrialContext {
                     Err(e) => return (TrialStatus::StartFailed(e), out),
                 };
                 for b in buckets {
-                    let pt = prefix_tokens(&space.load, b);
+                    let pt = prefix_tokens(&space.load, &b.bucket);
                     let res = rate::search(runs, tol, |r| {
                         let (server, sched, seed) = (server.clone(), schedule(&space.load, b, r), space.load.seed);
                         async move {
@@ -185,7 +206,7 @@ impl TrialContext {
                     })
                     .await;
                     match res {
-                        Ok(s) => out.push((*b, s)),
+                        Ok(s) => out.push((b.bucket, s)),
                         Err(e) => return (TrialStatus::LoadFailed(e.to_string()), out),
                     }
                 }
@@ -208,7 +229,7 @@ impl TrialContext {
                 for b in buckets {
                     let opts = LoadOptions {
                         slo,
-                        shared_prefix_tokens: prefix_tokens(&space.load, b),
+                        shared_prefix_tokens: prefix_tokens(&space.load, &b.bucket),
                         // A run at a rate the server cannot take must still end.
                         deadline: Some(Duration::from_secs_f64(600.0)),
                         ..LoadOptions::default()
@@ -226,7 +247,7 @@ impl TrialContext {
                     })
                     .await;
                     match res {
-                        Ok(s) => out.push((*b, s)),
+                        Ok(s) => out.push((b.bucket, s)),
                         Err(e) => {
                             status = TrialStatus::LoadFailed(e.to_string());
                             break;
@@ -254,5 +275,28 @@ pub fn score(status: &TrialStatus, searches: &[(Bucket, RateSearch)]) -> Option<
     match status {
         TrialStatus::Done => Some(searches.first().and_then(|(_, s)| s.best()).map_or(0.0, |b| b.request_throughput)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuner::space::tests::SMALL;
+
+    #[test]
+    fn a_dataset_is_replayed_with_paired_lengths_at_the_rate() {
+        let mut space = SearchSpace::parse(SMALL).expect("space");
+        space.load.dataset_rows = vec![(100, 7), (2000, 3)];
+        space.load.requests = 2000;
+        let w = Workload { bucket: Bucket { input_tokens: 1050, output_tokens: 5 }, dataset: true };
+        let inf: Vec<_> = schedule(&space.load, &w, None).arrivals(1).collect();
+        assert_eq!(inf.len(), 2000);
+        assert!(inf.iter().all(|a| a.at_s == 0.0 && matches!((a.prompt_tokens, a.max_tokens), (100, 7) | (2000, 3))));
+        assert!(inf.iter().any(|a| a.prompt_tokens == 100) && inf.iter().any(|a| a.prompt_tokens == 2000));
+        let at = schedule(&space.load, &w, Some(50.0));
+        let last = at.arrivals(1).last().expect("arrivals").at_s;
+        assert!((last - 40.0).abs() < 4.0, "2000 requests at 50/s span about 40 s: {last}");
+        let plain = Workload { dataset: false, ..w };
+        assert!(schedule(&space.load, &plain, None).arrivals(1).all(|a| a.prompt_tokens == 1050));
     }
 }
