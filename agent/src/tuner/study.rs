@@ -37,6 +37,8 @@ pub enum TuneError {
     Stopped,
     #[error("writing results: {0}")]
     Report(String),
+    #[error("a trial task failed: {0}")]
+    Task(String),
 }
 
 /// A study to run.
@@ -112,9 +114,13 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
     let space = Arc::new(cfg.space.clone());
     let meta = StudyMeta {
         schema: STUDY_SCHEMA,
-        // The trial budget is not part of the identity: a study may be resumed with more.
-        space_json: serde_json::to_string(&SearchSpace { study: super::space::StudySpec { trials: 0, ..space.study.clone() }, ..(*space).clone() })
-            .unwrap_or_default(),
+        // The trial budget and the GPU sets are not part of the identity: a study may be
+        // resumed with more trials or on other GPUs.
+        space_json: serde_json::to_string(&SearchSpace {
+            study: super::space::StudySpec { trials: 0, gpu_sets: Vec::new(), ..space.study.clone() },
+            ..(*space).clone()
+        })
+        .unwrap_or_default(),
         launch: cfg.launch.clone(),
         created_unix: now_unix(),
     };
@@ -209,7 +215,7 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
         tokio::select! {
             done = running.join_next() => {
                 let Some(done) = done else { break };
-                let (rec, set) = done.map_err(|e| TuneError::Report(format!("trial task failed: {e}")))?;
+                let (rec, set) = done.map_err(|e| TuneError::Task(e.to_string()))?;
                 info!(id = rec.id, kind = ?rec.kind, status = rec.status.label(), score = ?rec.score, flags = ?rec.flags, "trial done");
                 store.put_trial(&rec)?;
                 append_trial_log(&dir, &rec);
