@@ -19,6 +19,9 @@ use rand::{Rng, SeedableRng};
 use crate::sim::load::{run_http, LengthDist, LoadOptions, Schedule, Segment};
 use crate::vllm::{Scraper, Snapshot};
 
+/// Seconds a load run may go on after its last arrival (unfinished requests then fail).
+pub const RUN_TAIL_S: f64 = 600.0;
+
 /// Why a server did not come up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
 pub enum StartFailure {
@@ -230,13 +233,14 @@ impl TrialContext {
                     let opts = LoadOptions {
                         slo,
                         shared_prefix_tokens: prefix_tokens(&space.load, &b.bucket),
-                        // A run at a rate the server cannot take must still end.
-                        deadline: Some(Duration::from_secs_f64(600.0)),
                         ..LoadOptions::default()
                     };
                     let res = rate::search(runs, tol, |r| {
-                        let (url, opts, scraper, metrics) = (url.clone(), opts.clone(), &scraper, metrics.clone());
+                        let (url, mut opts, scraper, metrics) = (url.clone(), opts.clone(), &scraper, metrics.clone());
                         let sched = schedule(&space.load, b, r);
+                        // A run at a rate the server cannot take must still end: the arrivals'
+                        // span plus RUN_TAIL_S for the last answers.
+                        opts.deadline = Some(Duration::from_secs_f64(sched.duration_s() + RUN_TAIL_S));
                         async move {
                             let snap = |t: Result<String, _>| t.ok().and_then(|t| Snapshot::from_text(&t).ok());
                             let before = snap(scraper.fetch_text(&metrics, Duration::from_secs(5)).await);
