@@ -95,7 +95,7 @@ fn tune_launches_vllm_sim_finds_the_best_flags_and_writes_every_output() {
     assert_eq!(v["best"]["flags"]["max-num-batched-tokens"], "2048", "{v}");
     assert_eq!(v["trials"], 7, "baseline + 6 grid points: {v}");
     assert_eq!(v["failed_trials"], 3, "the three 400000-token trials do not fit: {v}");
-    assert!(v["improvement_over_baseline"].as_f64().is_some_and(|x| x > 0.5), "32 seats beat the default 8: {v}");
+    assert!(v["improvement_over_baseline"].as_f64().is_some_and(|x| x > 0.2), "32 seats beat the default 8: {v}");
 
     let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(study.join("result.json")).expect("result.json")).expect("json");
     let trials = result["all_trials"].as_array().expect("trials");
