@@ -84,11 +84,13 @@ enum TuneArg {
         /// grid | random | tpe
         #[arg(long)]
         strategy: Option<String>,
+        /// Most trials, baseline included (overrides study.trials).
         #[arg(long)]
         trials: Option<u32>,
         /// Discard an earlier study in the directory instead of resuming it.
         #[arg(long)]
         fresh: bool,
+        /// Follow the study with a progress bar until it ends (exit 1 unless it finished).
         #[arg(long)]
         wait: bool,
     },
