@@ -110,15 +110,20 @@ impl Store {
         self.put(&trial_key(t.id), t)
     }
 
-    /// Every finished trial, by id.
-    pub fn trials(&self) -> Result<Vec<TrialRecord>, StoreError> {
+    /// Every record under `prefix`, in key order.
+    fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
         self.db
-            .scan_prefix("trial/")
+            .scan_prefix(prefix)
             .map(|kv| {
                 let (k, v) = kv.map_err(|e| self.sled_err(e))?;
                 dec(&k, &v)
             })
             .collect()
+    }
+
+    /// Every finished trial, by id.
+    pub fn trials(&self) -> Result<Vec<TrialRecord>, StoreError> {
+        self.scan("trial/")
     }
 
     pub fn add_live(&self, g: LiveGroup) -> Result<(), StoreError> {
@@ -133,13 +138,7 @@ impl Store {
 
     /// Server groups recorded as running (by a tuner that may have died).
     pub fn live(&self) -> Result<Vec<LiveGroup>, StoreError> {
-        self.db
-            .scan_prefix("live/")
-            .map(|kv| {
-                let (k, v) = kv.map_err(|e| self.sled_err(e))?;
-                dec(&k, &v)
-            })
-            .collect()
+        self.scan("live/")
     }
 }
 
