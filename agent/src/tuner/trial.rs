@@ -116,7 +116,7 @@ pub type GroupHook = Arc<dyn Fn(LiveGroup, bool) + Send + Sync>;
 /// exponential gaps at `rate`), so prompt and output lengths stay paired.
 pub fn schedule(load: &LoadSpec, w: &Workload, rate: Option<f64>) -> Schedule {
     if w.dataset && !load.dataset_rows.is_empty() {
-        let mut rng = StdRng::seed_from_u64(load.seed ^ 0xda7a_5e7);
+        let mut rng = StdRng::seed_from_u64(load.seed ^ 0x0da7_a5e7);
         let rows = &load.dataset_rows;
         let segments = (0..load.requests)
             .map(|_| {
