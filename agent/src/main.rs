@@ -355,17 +355,9 @@ async fn tune(args: TuneArgs) -> ExitCode {
     });
     match study.await {
         Ok(Ok(summary)) => {
-            let text = if args.json {
-                serde_json::to_string_pretty(&summary).unwrap_or_default()
-            } else {
-                let best = match &summary.best {
-                    Some(b) => format!("best: {b}"),
-                    None => "no trial met the limits at any rate".to_string(),
-                };
-                format!("{best}\nresults in {}", summary.study_dir)
-            };
+            let text = if args.json { serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n" } else { summary.text() };
             // A closed pipe (`| head`) is not an error worth a panic.
-            let _ = writeln!(std::io::stdout(), "{text}");
+            let _ = write!(std::io::stdout(), "{text}");
             ExitCode::SUCCESS
         }
         Ok(Err(tuner::TuneError::Stopped)) => {

@@ -221,6 +221,15 @@ fn a_study_resumes_with_its_finished_trials_and_bad_input_is_named() {
     assert_eq!(ran.len(), 3, "only the 3 new trials run: {err}");
     assert!(ran.iter().all(|l| !l.contains("id=0 ") && !l.contains("id=5 ")), "{err}");
 
+    // Run again when done: nothing runs, and the summary reads as flags and figures.
+    let mut plain = args("9");
+    plain.pop();
+    let o = tune(&plain.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("trial done"));
+    assert!(out.starts_with("best flags  --gpu-memory-utilization 0.9 --max-num-batched-tokens ") && out.contains("\nbaseline    "), "{out}");
+
     // A different space in the same directory is refused, not mixed in.
     std::fs::write(&space_path, sim_space(6).replace("p99_tpot_ms = 20", "p99_tpot_ms = 30")).expect("space");
     let o = tune(&args("6").iter().map(String::as_str).collect::<Vec<_>>());

@@ -33,6 +33,39 @@ pub struct StudySummary {
     pub files: Vec<String>,
 }
 
+impl StudySummary {
+    /// The few lines `gpu-agent tune` prints without `--json`.
+    pub fn text(&self) -> String {
+        let mut o = String::new();
+        let f = |v: &Value, k: &str| v["figures"][k].as_f64().unwrap_or(0.0);
+        match &self.best {
+            Some(b) => {
+                let flags: std::collections::BTreeMap<String, String> = serde_json::from_value(b["flags"].clone()).unwrap_or_default();
+                let flags = super::launch::render_flags(&flags);
+                let _ = writeln!(o, "best flags  {} (trial {})", flags.join(" "), b["trial"]);
+                let _ = writeln!(
+                    o,
+                    "throughput  {:.2} req/s, {:.0} output tok/s at {} req/s offered; P99 TTFT {:.0} ms, TPOT {:.1} ms, E2E {:.0} ms",
+                    f(b, "request_throughput"),
+                    f(b, "output_throughput"),
+                    b["figures"]["request_rate"].as_f64().map_or("unlimited".to_string(), |r| format!("{r:.2}")),
+                    f(b, "p99_ttft_ms"),
+                    f(b, "p99_tpot_ms"),
+                    f(b, "p99_e2el_ms"),
+                );
+            }
+            None => o.push_str("no trial met the limits at any rate\n"),
+        }
+        if let Some(base) = &self.baseline {
+            let change = self.improvement_over_baseline.map_or(String::new(), |x| format!(" (best: {:+.1}%)", x * 100.0));
+            let _ = writeln!(o, "baseline    {:.2} req/s{change}", base["score"].as_f64().unwrap_or(0.0));
+        }
+        let _ = writeln!(o, "trials      {} ({} failed), gpu-memory-utilization {}", self.trials, self.failed_trials, self.gpu_memory_utilization);
+        let _ = writeln!(o, "results in  {}", self.study_dir);
+        o
+    }
+}
+
 /// Figures as JSON with `vllm bench serve`'s `request_rate` ("inf" when unlimited).
 pub fn figures_json(f: &RunFigures) -> Value {
     let mut v = serde_json::to_value(f).unwrap_or(Value::Null);
