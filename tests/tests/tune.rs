@@ -244,6 +244,12 @@ fn a_study_resumes_with_its_finished_trials_and_bad_input_is_named() {
     assert!(err.contains("parameter[0].range") && err.trim().lines().count() == 1, "{err}");
     let o = tune(&["--space", space_path.to_str().expect("path"), "--launch", "vllm serve m"]);
     assert_eq!(o.status.code(), Some(2));
+    // A command that cannot run stops the study at once, naming it.
+    std::fs::write(&space_path, sim_space(6)).expect("space");
+    let o = tune(&["--space", space_path.to_str().expect("path"), "--launch", "/nonexistent/vllm serve {flags}", "--study-dir", dir.path().join("x").to_str().expect("path")]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("/nonexistent/vllm"), "{err}");
 }
 
 #[test]

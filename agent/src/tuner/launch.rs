@@ -131,6 +131,20 @@ pub fn kill_leftover(g: LiveGroup) -> bool {
     false
 }
 
+/// The program a command names: a path, or looked up in PATH. `setpriv` would start even when
+/// the program does not exist, so it is checked here.
+fn find_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return runnable(&p).then_some(p);
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| runnable(p)))
+        .unwrap_or_default()
+}
+
 /// Whether `setpriv --pdeathsig` can be used here.
 fn setpriv() -> Option<PathBuf> {
     ["/usr/bin/setpriv", "/bin/setpriv"].iter().map(PathBuf::from).find(|p| p.exists())
@@ -187,6 +201,9 @@ impl Launcher {
         on_spawn: impl FnOnce(LiveGroup),
     ) -> Result<Server, StartFailure> {
         let argv = self.template.argv(model, port, flags);
+        if find_program(&argv[0]).is_none() {
+            return Err(StartFailure::Spawn(format!("`{}`: no such program", argv[0])));
+        }
         let file = std::fs::File::create(log).map_err(|e| StartFailure::Spawn(format!("log {}: {e}", log.display())))?;
         let err = file.try_clone().map_err(|e| StartFailure::Spawn(e.to_string()))?;
         let mut cmd = match setpriv() {
@@ -287,6 +304,14 @@ mod tests {
         assert_eq!(t.argv("m", 9, &BTreeMap::new()), ["srv", "--listen=:9"]);
         assert!(Template::parse("vllm serve m").expect_err("no flags").contains("{flags}"));
         assert!(Template::parse("x 'open {flags}").expect_err("quote").contains("quote"));
+    }
+
+    #[test]
+    fn programs_are_found_in_path_or_by_path() {
+        assert!(find_program("sh").is_some());
+        assert!(find_program("/bin/sh").is_some());
+        assert!(find_program("/nonexistent/vllm").is_none());
+        assert!(find_program("no-such-program-here").is_none());
     }
 
     #[test]

@@ -217,6 +217,13 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
                 let Some(done) = done else { break };
                 let (rec, set) = done.map_err(|e| TuneError::Task(e.to_string()))?;
                 info!(id = rec.id, kind = ?rec.kind, status = rec.status.label(), score = ?rec.score, flags = ?rec.flags, "trial done");
+                if let TrialStatus::StartFailed(e @ StartFailure::Spawn(_)) = &rec.status {
+                    // The command cannot run at all (missing binary, no port): every trial
+                    // would fail the same way.
+                    running.abort_all();
+                    while running.join_next().await.is_some() {}
+                    return Err(TuneError::Start(e.clone()));
+                }
                 store.put_trial(&rec)?;
                 append_trial_log(&dir, &rec);
                 pending.retain(|p| p.0 != rec.id);
