@@ -204,7 +204,10 @@ fn follow_study(client: &mut Client, first: &Response, json: bool) -> ExitCode {
 
 /// The readable study progress.
 fn tune_table(p: &TuneProgress) -> String {
-    let mut o = format!("study      {} ({}), {}\n", if p.study.is_empty() { "-" } else { &p.study }, p.state, p.phase);
+    if p.study.is_empty() {
+        return format!("study      none since the agent started ({})\n", p.state);
+    }
+    let mut o = format!("study      {} ({}), {}\n", p.study, p.state, p.phase);
     if !p.study_dir.is_empty() {
         o += &format!("directory  {}\n", p.study_dir);
         o += &format!(

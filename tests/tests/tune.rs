@@ -298,6 +298,9 @@ fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let progress = |o: std::process::Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("progress json");
     wait_for(Duration::from_secs(20), "a few trials", || (progress(ctl(&["tune", "status", "--json"]))["trials_done"].as_u64() >= Some(3)).then_some(()));
+    // Results so far are there mid-study.
+    let mid: serde_json::Value = serde_json::from_slice(&ctl(&["tune", "results"]).stdout).expect("result.json mid-study");
+    assert!(mid["trials"].as_u64() >= Some(3), "{mid}");
     let o = ctl(&["tune", "start", "--space", space_path.to_str().expect("path"), "--launch", "sim"]);
     assert_eq!(o.status.code(), Some(1), "one study at a time");
     assert!(String::from_utf8_lossy(&o.stderr).contains("is running"));

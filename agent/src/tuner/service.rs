@@ -69,6 +69,8 @@ impl TuneService {
                     p.state = "running".into();
                     p.study = cfg.space.study.name.clone();
                     p.study_dir = cfg.dir.display().to_string();
+                    p.strategy = cfg.space.study.strategy.to_string();
+                    p.trials_total = super::study::budget(&cfg.space);
                     p.phase = "starting".into();
                 }
                 let (cancel, rx) = watch::channel(false);

@@ -100,6 +100,11 @@ fn baseline_flags(space: &SearchSpace, gmu: f64) -> BTreeMap<String, String> {
     f
 }
 
+/// Trials a study runs, baseline included: `study.trials`, or every grid point and the baseline.
+pub fn budget(space: &SearchSpace) -> u32 {
+    u64::from(space.study.trials).min(space.grid_size() + 1) as u32
+}
+
 /// Runs (or resumes) a study to the end, or until `cancel` turns true.
 pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: watch::Receiver<bool>) -> Result<StudySummary, TuneError> {
     let dir = cfg.dir.clone();
@@ -138,7 +143,7 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
     });
     let ctx = TrialContext { space: Arc::clone(&space), evaluator: cfg.evaluator.clone(), hook };
     let dims = dims(&space);
-    let budget = u64::from(space.study.trials).min(strategy::grid_size(&dims) + 1) as u32;
+    let budget = budget(&space);
     update(&progress, |p| {
         p.state = "running".into();
         p.study = space.study.name.clone();
@@ -230,6 +235,10 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
                 free.push(set);
                 records.push(rec);
                 show(&progress, &records);
+                // Results so far, so `tune results` and the files are useful mid-study.
+                if let Err(e) = report::write_all(&dir, &space, &records, gmu, false) {
+                    warn!(error = %e, "cannot write the results so far");
+                }
             }
             _ = cancelled(&mut cancel) => {
                 // Dropping the trials kills their servers (see launch::Server's Drop).
