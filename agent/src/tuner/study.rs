@@ -435,3 +435,25 @@ fn write_outputs(
     }
     report::write_all(dir, space, records, gmu, profile.is_some()).map_err(|e| TuneError::Report(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuner::space::tests::SMALL;
+
+    #[test]
+    fn flags_of_points_and_the_baseline() {
+        let mut space = SearchSpace::parse(SMALL).expect("space");
+        let f = point_flags(&space, 0.9, &[2, 1]);
+        assert_eq!(f.get("max-num-seqs").map(String::as_str), Some("64"));
+        assert_eq!(f.get("max-num-batched-tokens").map(String::as_str), Some("2048"));
+        assert_eq!(f.get("gpu-memory-utilization").map(String::as_str), Some("0.9"));
+        assert!(!f.contains_key("block-size"), "disabled parameters are left out");
+        let b = baseline_flags(&space, 0.93);
+        assert_eq!(b.get("max-num-seqs").map(String::as_str), Some("256"), "the default, not in the options");
+        assert!(!b.contains_key("max-num-batched-tokens"), "no default: vLLM's own");
+        assert_eq!(budget(&space), 13, "12 points and the baseline");
+        space.study.trials = 5;
+        assert_eq!(budget(&space), 5);
+    }
+}
