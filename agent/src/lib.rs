@@ -9,4 +9,5 @@ pub mod http;
 pub mod profile;
 pub mod sim;
 pub mod store;
+pub mod tuner;
 pub mod vllm;

@@ -1,5 +1,6 @@
 //! `gpu-agent`: the daemon, plus one-shot subcommands for operators.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -77,6 +78,39 @@ enum Command {
     /// Drive an OpenAI-compatible server (vLLM or vllm-sim) with a load trace and print a
     /// `vllm bench serve`-style JSON report.
     Loadgen(LoadgenArgs),
+    /// Tune vLLM server flags: launch trials from a search space and find the most throughput
+    /// within the latency limits (resumable; see config/search-space.toml).
+    Tune(TuneArgs),
+}
+
+#[derive(Args)]
+struct TuneArgs {
+    /// Search space (TOML).
+    #[arg(long, value_name = "FILE")]
+    space: PathBuf,
+    /// Server command template with `{flags}` (and optionally `{model}`, `{port}`), e.g.
+    /// 'vllm serve {model} {flags}'; or `sim` to evaluate trials on the in-process simulator
+    /// in virtual time.
+    #[arg(long, value_name = "CMD")]
+    launch: String,
+    /// Study directory: logs, store, results [default: ./tune/<study name>]
+    #[arg(long, value_name = "DIR")]
+    study_dir: Option<PathBuf>,
+    /// grid | random | tpe (overrides the space's study.strategy).
+    #[arg(long)]
+    strategy: Option<String>,
+    /// Most trials, baseline included (overrides study.trials).
+    #[arg(long)]
+    trials: Option<u32>,
+    /// A GPU set (CUDA_VISIBLE_DEVICES value); repeat to run trials in parallel (overrides study.gpu_sets).
+    #[arg(long = "gpu-set", value_name = "IDS")]
+    gpu_sets: Vec<String>,
+    /// Discard an earlier study in the directory instead of resuming it.
+    #[arg(long)]
+    fresh: bool,
+    /// Print the result summary as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -153,6 +187,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig { file }) => report(Config::load(&file).map(|_| println!("{}: ok", file.display())).map_err(Into::into)),
         Some(Command::Loadgen(args)) => report(runtime.block_on(loadgen(args))),
         Some(Command::Bench(args)) => report(bench(&args)),
+        Some(Command::Tune(args)) => runtime.block_on(tune(args)),
     }
 }
 
@@ -282,4 +317,74 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `gpu-agent tune`: exit 0 with the best flags, 2 on a bad space or command, 1 when the study
+/// fails, 130 when stopped by SIGINT/SIGTERM (every server stopped; rerun to resume).
+async fn tune(args: TuneArgs) -> ExitCode {
+    use gpu_agent::tuner;
+    let req = agentctl::TuneStart {
+        space: args.space,
+        launch: args.launch,
+        study_dir: args.study_dir,
+        strategy: args.strategy,
+        trials: args.trials,
+        fresh: args.fresh,
+    };
+    let mut cfg = match tuner::study_config(&req, std::path::Path::new("tune")) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gpu-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !args.gpu_sets.is_empty() {
+        if args.gpu_sets.iter().any(|g| g.trim().is_empty()) {
+            eprintln!("gpu-agent: --gpu-set: empty GPU set");
+            return ExitCode::from(2);
+        }
+        cfg.space.study.gpu_sets = args.gpu_sets;
+    }
+    let progress = tuner::study::SharedProgress::default();
+    let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
+    let study = tokio::spawn(tuner::run_study(cfg, progress, cancel_rx));
+    tokio::spawn(async move {
+        wait_for_stop_signal().await;
+        tracing::warn!("stopping the study: stopping its servers");
+        let _ = cancel_tx.send(true);
+    });
+    match study.await {
+        Ok(Ok(summary)) => {
+            let text = if args.json { serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n" } else { summary.text() };
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = write!(std::io::stdout(), "{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(tuner::TuneError::Stopped)) => {
+            eprintln!("gpu-agent: tune stopped; servers stopped; run the same command again to resume");
+            ExitCode::from(130)
+        }
+        Ok(Err(e)) => {
+            eprintln!("gpu-agent: tune: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("gpu-agent: tune: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
 }

@@ -76,7 +76,7 @@ pub enum Request {
     Model(ModelCmd),
     Reload,
     /// Trial launcher commands (`agentctl tune ...`).
-    Tune(Vec<String>),
+    Tune(TuneCmd),
     /// Replica advice (`agentctl advice`).
     Advice,
 }
@@ -100,11 +100,68 @@ pub enum ErrorKind {
     Version,
 }
 
+/// `agentctl tune start|status|stop|results`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TuneCmd {
+    Start(TuneStart),
+    Status,
+    Stop,
+    Results,
+}
+
+/// A study to start in the agent. Paths are as the agent sees them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TuneStart {
+    /// Search space file (TOML).
+    pub space: PathBuf,
+    /// Server command template with `{flags}`, or `sim` for the in-process simulator.
+    pub launch: String,
+    /// Where logs, results and the study store go; default: under the agent's state dir.
+    pub study_dir: Option<PathBuf>,
+    /// Overrides of the space's `study.strategy` and `study.trials`.
+    pub strategy: Option<String>,
+    pub trials: Option<u32>,
+    /// Discard a previous study in the same directory instead of resuming it.
+    pub fresh: bool,
+}
+
+/// Where a study stands (also the standalone tuner's progress).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TuneProgress {
+    /// idle, running, finished, failed or stopped.
+    pub state: String,
+    pub study: String,
+    pub study_dir: String,
+    pub strategy: String,
+    /// What it is doing now (memory search, trials, capacity profile, reports).
+    pub phase: String,
+    pub trials_done: u32,
+    pub trials_total: u32,
+    pub trials_failed: u32,
+    pub running: u32,
+    /// Best request throughput so far (req/s) and its flags.
+    pub best_score: Option<f64>,
+    pub best_flags: Vec<(String, String)>,
+    pub baseline_score: Option<f64>,
+    pub gpu_memory_utilization: Option<f64>,
+    /// The error of a failed study, or a note.
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TuneReply {
+    Progress(Box<TuneProgress>),
+    /// The finished study's result.json.
+    Results(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Ok(String),
     Status(Box<StatusReport>),
     Error { kind: ErrorKind, message: String },
+    /// Added after `Error`, whose index older clients decode in the hello answer.
+    Tune(TuneReply),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -311,7 +368,15 @@ mod tests {
             Request::Pin(1410),
             Request::SetSlo { ttft_s: Some(0.3), tpot_s: None },
             Request::Model(ModelCmd::Export("/tmp/x.json".into())),
-            Request::Tune(vec!["start".into()]),
+            Request::Tune(TuneCmd::Start(TuneStart {
+                space: "/etc/gpu-agent/search-space.toml".into(),
+                launch: "vllm serve m {flags}".into(),
+                study_dir: None,
+                strategy: Some("tpe".into()),
+                trials: Some(20),
+                fresh: false,
+            })),
+            Request::Tune(TuneCmd::Status),
         ];
         for r in reqs {
             let f = encode_frame(&r).expect("encode");
@@ -345,6 +410,7 @@ mod tests {
         assert!(!Request::Advice.changes_state());
         assert!(Request::Pin(1200).changes_state());
         assert!(Request::Reload.changes_state());
+        assert!(Request::Tune(TuneCmd::Stop).changes_state());
     }
 
     /// A one-connection fake agent that reads the hello and answers `answer`.

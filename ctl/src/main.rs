@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use agentctl::{Client, ClientError, ModelCmd, Request, Response, StatusReport, DEFAULT_SOCKET};
+use agentctl::{Client, ClientError, ModelCmd, Request, Response, StatusReport, TuneCmd, TuneProgress, TuneReply, TuneStart, DEFAULT_SOCKET};
 
 #[derive(Parser)]
 #[command(name = "agentctl", version, about = "Control a running gpu-agent")]
@@ -59,13 +59,50 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
-    /// Trial launcher (tune vLLM flags).
+    /// Trial launcher: tune vLLM flags in the agent (start, status, stop, results).
     Tune {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        #[command(subcommand)]
+        cmd: TuneArg,
     },
     /// Replica advice: demand, capacity, suggestion.
     Advice,
+}
+
+#[derive(Subcommand)]
+enum TuneArg {
+    /// Start (or resume) a study; with --wait, follow it with a progress bar to the end.
+    Start {
+        /// Search space (TOML).
+        #[arg(long, value_name = "FILE")]
+        space: PathBuf,
+        /// Server command template with `{flags}`, or `sim` for the simulator.
+        #[arg(long, value_name = "CMD")]
+        launch: String,
+        /// Study directory [default: the agent's state dir/tune/<study name>]
+        #[arg(long, value_name = "DIR")]
+        study_dir: Option<PathBuf>,
+        /// grid | random | tpe
+        #[arg(long)]
+        strategy: Option<String>,
+        /// Most trials, baseline included (overrides study.trials).
+        #[arg(long)]
+        trials: Option<u32>,
+        /// Discard an earlier study in the directory instead of resuming it.
+        #[arg(long)]
+        fresh: bool,
+        /// Follow the study with a progress bar until it ends (exit 1 unless it finished).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Where the study stands; --follow shows a progress bar until it ends.
+    Status {
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Stop the study (its servers are stopped; start it again to resume).
+    Stop,
+    /// The finished study's result.json.
+    Results,
 }
 
 #[derive(Subcommand)]
@@ -99,7 +136,19 @@ fn main() -> ExitCode {
             ModelArg::Import { file } => ModelCmd::Import(absolute(file)),
         }),
         Command::Reload => Request::Reload,
-        Command::Tune { args } => Request::Tune(args.clone()),
+        Command::Tune { cmd } => Request::Tune(match cmd {
+            TuneArg::Start { space, launch, study_dir, strategy, trials, fresh, .. } => TuneCmd::Start(TuneStart {
+                space: absolute(space),
+                launch: launch.clone(),
+                study_dir: study_dir.as_deref().map(absolute),
+                strategy: strategy.clone(),
+                trials: *trials,
+                fresh: *fresh,
+            }),
+            TuneArg::Status { .. } => TuneCmd::Status,
+            TuneArg::Stop => TuneCmd::Stop,
+            TuneArg::Results => TuneCmd::Results,
+        }),
         Command::Advice => Request::Advice,
     };
     let mut client = match Client::connect(&cli.socket) {
@@ -109,10 +158,76 @@ fn main() -> ExitCode {
     if let Command::Watch { interval, count } = &cli.command {
         return watch(&mut client, *interval, *count, cli.json);
     }
+    let follow = matches!(&cli.command, Command::Tune { cmd: TuneArg::Start { wait: true, .. } | TuneArg::Status { follow: true } });
     match client.call(&request) {
+        Ok(resp @ Response::Tune(TuneReply::Progress(_))) if follow => follow_study(&mut client, &resp, cli.json),
         Ok(resp) => show(&resp, cli.json),
         Err(e) => fail(&e),
     }
+}
+
+/// Polls the study with a progress bar (on a terminal) until it is no longer running; exit 0
+/// when it finished, 1 when it failed or was stopped.
+fn follow_study(client: &mut Client, first: &Response, json: bool) -> ExitCode {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} trials {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut resp = first.clone();
+    loop {
+        let Response::Tune(TuneReply::Progress(p)) = &resp else { return show(&resp, json) };
+        bar.set_prefix(format!("{} ({})", p.study, p.phase));
+        bar.set_length(u64::from(p.trials_total));
+        bar.set_position(u64::from(p.trials_done));
+        bar.set_message(match p.best_score {
+            Some(b) => format!("best {b:.2} req/s, {} failed", p.trials_failed),
+            None => format!("{} failed", p.trials_failed),
+        });
+        if p.state != "running" {
+            bar.finish_and_clear();
+            let code = if p.state == "finished" { ExitCode::SUCCESS } else { ExitCode::from(1) };
+            let _ = show(&resp, json);
+            return code;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        resp = match client.call(&Request::Tune(TuneCmd::Status)) {
+            Ok(r) => r,
+            Err(e) => {
+                bar.abandon();
+                return fail(&e);
+            }
+        };
+    }
+}
+
+/// The readable study progress.
+fn tune_table(p: &TuneProgress) -> String {
+    if p.study.is_empty() {
+        return format!("study      none since the agent started ({})\n", p.state);
+    }
+    let mut o = format!("study      {} ({}), {}\n", p.study, p.state, p.phase);
+    if !p.study_dir.is_empty() {
+        o += &format!("directory  {}\n", p.study_dir);
+        o += &format!(
+            "trials     {}/{} done ({} failed, {} running), strategy {}\n",
+            p.trials_done, p.trials_total, p.trials_failed, p.running, p.strategy
+        );
+        o += &format!(
+            "throughput best {}, baseline {} (req/s within the limits)\n",
+            opt(p.best_score, 1.0, "", 2),
+            opt(p.baseline_score, 1.0, "", 2)
+        );
+        if !p.best_flags.is_empty() {
+            let flags: Vec<String> = p.best_flags.iter().map(|(k, v)| format!("--{k} {v}")).collect();
+            o += &format!("best flags {}\n", flags.join(" "));
+        }
+    }
+    if let Some(m) = &p.message {
+        o += &format!("note       {m}\n");
+    }
+    o
 }
 
 /// The agent may run in another directory: send it absolute paths.
@@ -144,6 +259,18 @@ fn show(resp: &Response, json: bool) -> ExitCode {
             } else {
                 print!("{}", table(s));
             }
+            ExitCode::SUCCESS
+        }
+        Response::Tune(TuneReply::Progress(p)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(p).unwrap_or_default());
+            } else {
+                print!("{}", tune_table(p));
+            }
+            ExitCode::SUCCESS
+        }
+        Response::Tune(TuneReply::Results(text)) => {
+            println!("{text}");
             ExitCode::SUCCESS
         }
         Response::Error { kind, message } => {

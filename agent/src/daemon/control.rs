@@ -111,7 +111,10 @@ impl Agent {
                 },
             },
             Request::Reload => failed("reload is handled by the daemon loop"),
-            Request::Tune(_) => failed("`tune` needs the trial launcher, which this gpu-agent version does not have"),
+            Request::Tune(cmd) => {
+                let state_dir = self.cfg.agent.state_dir.clone();
+                self.tuner.handle(cmd, &state_dir)
+            }
             Request::Advice => failed("`advice` needs the replica advisor, which this gpu-agent version does not have"),
         }
     }

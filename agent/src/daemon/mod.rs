@@ -195,6 +195,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
     }
     sd.stopping();
+    agent.tuner.shutdown().await;
     agent.steering.save();
     info!("shutting down: resetting clocks");
     if let Err(e) = agent.clocks.reset_all() {
@@ -261,6 +262,8 @@ pub struct Agent {
     started: Instant,
     pub metrics: Arc<AgentMetrics>,
     pub status: SharedStatus,
+    /// `agentctl tune`: the trial launcher's study, run in the background.
+    tuner: crate::tuner::service::TuneService,
 }
 
 impl Agent {
@@ -306,6 +309,7 @@ impl Agent {
             gpu,
             metrics,
             status: Arc::new(RwLock::new(status)),
+            tuner: crate::tuner::service::TuneService::default(),
             cfg,
         })
     }
