@@ -1,0 +1,257 @@
+//! The replica advisor: how many replicas of this vLLM server the load needs under the latency
+//! objectives, for external autoscalers (HPA, KEDA, AIBrix/KPA) to act on.
+//!
+//! Each decision cycle feeds it the vLLM window; it tracks the demand ([`demand`]), refits the
+//! online performance model ([`online`]), combines it with the trial launcher's capacity
+//! profiles ([`capacity`]) at the clock the governor runs, and turns this replica's demand in
+//! replica units into a stable suggestion ([`suggest`]). Missing or stale data keeps the last
+//! good values and says so; it never reads as 0.
+
+pub mod capacity;
+pub mod demand;
+pub mod online;
+pub mod suggest;
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::config::AdvisorSection;
+use crate::vllm::Window;
+use capacity::{Capacity, Load, Profiles};
+use demand::{Demand, DemandTracker};
+use online::{Objectives, OnlineModel};
+use suggest::{Policy, Suggester, Suggestion};
+
+/// A queue is planned to drain within this many seconds: waiting requests add
+/// `waiting / DRAIN_S` to the arrival rate the replicas must serve.
+pub const DRAIN_S: f64 = 30.0;
+
+/// What the advisor is told each cycle besides the window.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// Seconds on a monotonic clock (virtual time in the replay).
+    pub now_s: f64,
+    /// vLLM's model name ("" when unknown).
+    pub model: &'a str,
+    /// GPU name as NVML reports it ("" when unknown).
+    pub gpu: &'a str,
+    /// The SM clock the governor runs (the highest when the driver manages clocks).
+    pub clock_mhz: f64,
+    pub max_clock_mhz: f64,
+    pub objectives: Objectives,
+    /// The Deployment's current replica count, when known.
+    pub replicas: Option<u32>,
+}
+
+/// Everything the advisor concluded in its last cycle.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Advice {
+    pub model: String,
+    pub demand: Option<Demand>,
+    pub capacity: Option<Capacity>,
+    /// This replica's demand in replicas: arrivals (plus queue drain) over its capacity.
+    /// Summed over the pods, the replicas the load needs.
+    pub demand_replicas: Option<f64>,
+    /// Capacity minus arrivals, requests per second.
+    pub headroom_rate: Option<f64>,
+    pub current_replicas: Option<u32>,
+    /// None when the current replica count is unknown.
+    pub suggestion: Option<Suggestion>,
+    /// Seconds since the last usable window (since start when there was none).
+    pub data_age_s: f64,
+    pub stale: bool,
+    /// Why, in a sentence.
+    pub reason: String,
+}
+
+/// The advisor's state across cycles.
+#[derive(Debug)]
+pub struct Advisor {
+    cfg: AdvisorSection,
+    demand: DemandTracker,
+    model: OnlineModel,
+    profiles: Profiles,
+    suggester: Suggester,
+    started_s: Option<f64>,
+    last_good_s: Option<f64>,
+    /// Last good demand in replica units and capacity, kept while stale.
+    last_good: Option<(Demand, Capacity, f64)>,
+    cycles: u64,
+}
+
+/// Cycles between checks of the profile files for changes.
+const PROFILE_REFRESH_CYCLES: u64 = 10;
+
+impl Advisor {
+    pub fn new(cfg: AdvisorSection) -> Self {
+        let profiles = Profiles::new(&cfg.profiles);
+        Self {
+            cfg,
+            demand: DemandTracker::default(),
+            model: OnlineModel::new(),
+            profiles,
+            suggester: Suggester::default(),
+            started_s: None,
+            last_good_s: None,
+            last_good: None,
+            cycles: 0,
+        }
+    }
+
+    /// Takes a reloaded `[advisor]`; what was learnt is kept, profiles are re-read.
+    pub fn reconfigure(&mut self, cfg: AdvisorSection) {
+        if cfg.profiles != self.cfg.profiles {
+            self.profiles = Profiles::new(&cfg.profiles);
+        }
+        self.cfg = cfg;
+    }
+
+    pub fn config(&self) -> &AdvisorSection {
+        &self.cfg
+    }
+
+    fn policy(&self) -> Policy {
+        Policy {
+            min_replicas: self.cfg.min_replicas,
+            max_replicas: self.cfg.max_replicas,
+            target_utilization: self.cfg.target_utilization,
+            tolerance: self.cfg.tolerance,
+            scale_down_delay_s: self.cfg.scale_down_delay_seconds,
+        }
+    }
+
+    /// One cycle: `window` is None when vLLM did not answer (or on the first scrape).
+    pub fn observe(&mut self, window: Option<&Window>, ctx: &Context<'_>) -> Advice {
+        self.cycles += 1;
+        if self.cycles % PROFILE_REFRESH_CYCLES == 0 {
+            self.profiles.refresh();
+        }
+        let started = *self.started_s.get_or_insert(ctx.now_s);
+        let model_name = if self.cfg.model_name.is_empty() { ctx.model } else { &self.cfg.model_name };
+
+        let mut fresh = None;
+        if let Some(w) = window {
+            if let Some(d) = self.demand.observe(w, self.cfg.smoothing_seconds) {
+                let raw_rate = demand::arrivals_per_second(w, None).unwrap_or(d.arrival_rate);
+                self.model.observe(w, ctx.clock_mhz, ctx.max_clock_mhz, raw_rate.max(d.arrival_rate));
+                let load = Load {
+                    prompt_tokens: d.mean_prompt_tokens,
+                    output_tokens: d.mean_output_tokens,
+                    clock_mhz: ctx.clock_mhz,
+                    max_clock_mhz: ctx.max_clock_mhz,
+                };
+                let profile = self.profiles.best(ctx.gpu, model_name);
+                let cap = capacity::combine(&self.model, profile, load, ctx.objectives, f64::from(self.cfg.max_num_seqs));
+                if let Some(cap) = cap {
+                    let needed = d.arrival_rate + d.waiting / DRAIN_S;
+                    fresh = Some((d, cap.clone(), needed / cap.max_rate));
+                    self.last_good = fresh.clone();
+                    self.last_good_s = Some(ctx.now_s);
+                }
+            }
+        }
+        let data_age_s = ctx.now_s - self.last_good_s.unwrap_or(started);
+        let stale = data_age_s > self.cfg.stale_after_seconds;
+        // Fresh data, or the last good values while they are not stale yet; stale: no new input.
+        let (demand, capacity, demand_replicas) = match (&fresh, &self.last_good) {
+            (Some(f), _) => (Some(f.0), Some(f.1.clone()), Some(f.2)),
+            (None, Some(g)) => (Some(g.0), Some(g.1.clone()), Some(g.2)),
+            (None, None) => (None, None, None),
+        };
+        let policy = self.policy();
+        let suggester = &mut self.suggester;
+        let suggestion = ctx.replicas.map(|current| match (&fresh, suggester.last()) {
+            (Some(f), _) => suggester.suggest(ctx.now_s, Some(f.2 * f64::from(current)), current, &policy),
+            // A missed scrape or two: hold the last suggestion without calling it stale.
+            (None, Some(last)) if !stale => last,
+            (None, _) => suggester.suggest(ctx.now_s, None, current, &policy),
+        });
+        let headroom_rate = match (&demand, &capacity) {
+            (Some(d), Some(c)) => Some(c.max_rate - d.arrival_rate),
+            _ => None,
+        };
+        let reason = explain(&demand, &capacity, demand_replicas, ctx.replicas, suggestion, stale, data_age_s);
+        Advice {
+            model: model_name.to_string(),
+            demand,
+            capacity,
+            demand_replicas,
+            headroom_rate,
+            current_replicas: ctx.replicas,
+            suggestion,
+            data_age_s,
+            stale,
+            reason,
+        }
+    }
+}
+
+/// The reason line `agentctl advice` shows.
+fn explain(
+    demand: &Option<Demand>,
+    capacity: &Option<Capacity>,
+    demand_replicas: Option<f64>,
+    replicas: Option<u32>,
+    suggestion: Option<Suggestion>,
+    stale: bool,
+    age: f64,
+) -> String {
+    let mut out = Vec::new();
+    if stale {
+        out.push(format!("no usable vLLM window for {age:.0} s: values are the last good ones"));
+    }
+    match (demand, capacity, demand_replicas) {
+        (Some(d), Some(c), Some(r)) => {
+            let source = match (&c.online, &c.profile) {
+                (Some(o), Some(_)) => format!(
+                    "online model ({:.0}%, limited by the {}) and capacity profile",
+                    c.online_weight * 100.0,
+                    o.limit.as_str()
+                ),
+                (Some(o), None) => format!("online model, limited by the {}", o.limit.as_str()),
+                (None, _) => "capacity profile (online model not fitted yet)".to_string(),
+            };
+            out.push(format!(
+                "{:.2} req/s arriving ({:.0} prompt / {:.0} output tokens, {:.0} waiting) against {:.2} req/s per replica from the {source}: {:.2} replicas of demand here",
+                d.arrival_rate, d.mean_prompt_tokens, d.mean_output_tokens, d.waiting, c.max_rate, r
+            ));
+        }
+        _ => out.push("no capacity estimate yet: waiting for windows with decoding or a capacity profile".into()),
+    }
+    match (replicas, suggestion) {
+        (Some(n), Some(s)) => out.push(format!("{n} replicas running; suggest {}: {}", s.replicas, s.why.as_str())),
+        _ => out.push("current replica count unknown (set advisor.replicas or advisor.replicas_file): no suggestion".into()),
+    }
+    out.join("; ")
+}
+
+/// The current replica count: `replicas_file` (re-read each call) wins over `replicas`.
+pub fn current_replicas(cfg: &AdvisorSection) -> Result<Option<u32>, String> {
+    match &cfg.replicas_file {
+        Some(path) => read_replicas_file(path).map(Some),
+        None => Ok(cfg.replicas),
+    }
+}
+
+/// A number alone, or a downward-API annotations file with `gpu-agent/replicas="N"`.
+pub fn read_replicas_file(path: &Path) -> Result<u32, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("advisor.replicas_file {}: {e}", path.display()))?;
+    let value = match text.trim().parse::<u32>() {
+        Ok(n) => Some(n),
+        Err(_) => text.lines().find_map(|l| {
+            let v = l.trim().strip_prefix("gpu-agent/replicas=")?;
+            v.trim_matches('"').parse::<u32>().ok()
+        }),
+    };
+    match value {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "advisor.replicas_file {}: no replica count (want a number or a line gpu-agent/replicas=\"N\")",
+            path.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;

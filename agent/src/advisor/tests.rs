@@ -1,0 +1,142 @@
+//! The advisor as a whole: stale or missing data never yields 0 replicas.
+
+use super::*;
+use super::suggest::Why;
+use crate::vllm::Latency;
+
+fn lat(count: f64, mean: f64) -> Latency {
+    Latency { count, mean: Some(mean), p50: None, p90: None, p99: None }
+}
+
+fn busy(rate: f64) -> Window {
+    let s = 0.01;
+    Window {
+        seconds: 1.0,
+        counter_reset: false,
+        num_requests_running: Some(rate * 2.5),
+        num_requests_waiting: Some(0.0),
+        kv_cache_usage: Some(0.01 * rate),
+        request_rate: Some(rate),
+        prompt_tokens_rate: Some(rate * 500.0),
+        generation_tokens_rate: Some(rate * 200.0),
+        prefix_hit_ratio: None,
+        preemptions: Some(0.0),
+        tokens_per_iteration: None,
+        mean_prompt_tokens: Some(500.0),
+        mean_generation_tokens: Some(200.0),
+        ttft: Some(lat(rate, 0.05)),
+        itl: Some(lat(rate * 200.0, s * (1.0 + rate / 50.0))),
+        e2e: None,
+    }
+}
+
+/// What a vLLM that answers but exports nothing useful gives (e.g. a restart in progress).
+fn empty() -> Window {
+    Window {
+        seconds: 1.0,
+        counter_reset: false,
+        num_requests_running: None,
+        num_requests_waiting: None,
+        kv_cache_usage: None,
+        request_rate: None,
+        prompt_tokens_rate: None,
+        generation_tokens_rate: None,
+        prefix_hit_ratio: None,
+        preemptions: None,
+        tokens_per_iteration: None,
+        mean_prompt_tokens: None,
+        mean_generation_tokens: None,
+        ttft: None,
+        itl: None,
+        e2e: None,
+    }
+}
+
+fn ctx(now_s: f64, replicas: Option<u32>) -> Context<'static> {
+    Context {
+        now_s,
+        model: "m",
+        gpu: "g",
+        clock_mhz: 1980.0,
+        max_clock_mhz: 1980.0,
+        objectives: Objectives { ttft_s: 0.5, tpot_s: 0.05 },
+        replicas,
+    }
+}
+
+fn cfg() -> AdvisorSection {
+    AdvisorSection { stale_after_seconds: 10.0, scale_down_delay_seconds: 0.0, ..AdvisorSection::default() }
+}
+
+#[test]
+fn stale_data_never_yields_zero_replicas() {
+    let mut a = Advisor::new(cfg());
+    // Before any data: the current count, never 0.
+    let first = a.observe(None, &ctx(0.0, Some(3)));
+    assert_eq!(first.suggestion.map(|s| (s.replicas, s.why)), Some((3, Why::NoData)));
+    assert!(first.demand_replicas.is_none());
+    let mut t = 1.0;
+    let mut good = None;
+    for _ in 0..60 {
+        good = Some(a.observe(Some(&busy(20.0)), &ctx(t, Some(3))));
+        t += 1.0;
+    }
+    let good = good.expect("advice");
+    let kept = good.suggestion.expect("suggestion").replicas;
+    let kept_demand = good.demand_replicas.expect("demand");
+    assert!(kept >= 1 && kept_demand > 0.0, "{good:?}");
+    assert!(!good.stale);
+    // vLLM gone (no window), then answering with nothing in it, then idle-looking windows
+    // whose counters reset: for ten minutes the advice never drops to 0.
+    for k in 0..600 {
+        let w = match k % 3 {
+            0 => None,
+            1 => Some(empty()),
+            _ => Some(Window { counter_reset: true, ..busy(0.0) }),
+        };
+        let adv = a.observe(w.as_ref(), &ctx(t, Some(3)));
+        t += 1.0;
+        let s = adv.suggestion.expect("suggestion");
+        assert_eq!(s.replicas, kept, "at {k}: {adv:?}");
+        assert_eq!(adv.demand_replicas, Some(kept_demand), "last good demand kept");
+        assert_eq!(adv.stale, adv.data_age_s > 10.0);
+        if adv.stale {
+            assert_eq!(s.why, Why::Stale);
+            assert!(adv.reason.contains("last good"), "{}", adv.reason);
+        }
+    }
+    // Data comes back: fresh again.
+    let back = a.observe(Some(&busy(20.0)), &ctx(t, Some(3)));
+    assert!(!back.stale && back.data_age_s == 0.0);
+}
+
+#[test]
+fn demand_without_a_replica_count_gives_no_suggestion_but_says_why() {
+    let mut a = Advisor::new(cfg());
+    let mut adv = None;
+    for t in 0..20 {
+        adv = Some(a.observe(Some(&busy(10.0)), &ctx(f64::from(t), None)));
+    }
+    let adv = adv.expect("advice");
+    assert!(adv.suggestion.is_none());
+    assert!(adv.demand_replicas.is_some_and(|d| d > 0.0));
+    assert!(adv.reason.contains("replica count unknown"), "{}", adv.reason);
+}
+
+#[test]
+fn replicas_file_reads_a_number_or_a_downward_api_annotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("replicas");
+    std::fs::write(&f, "4\n").expect("write");
+    assert_eq!(read_replicas_file(&f), Ok(4));
+    std::fs::write(&f, "kubernetes.io/config.seen=\"x\"\ngpu-agent/replicas=\"6\"\n").expect("write");
+    assert_eq!(read_replicas_file(&f), Ok(6));
+    std::fs::write(&f, "0").expect("write");
+    assert!(read_replicas_file(&f).expect_err("zero").contains("no replica count"));
+    let e = read_replicas_file(&dir.path().join("missing")).expect_err("missing");
+    assert!(e.contains("advisor.replicas_file"), "{e}");
+    let c = AdvisorSection { replicas: Some(2), replicas_file: Some(f.clone()), ..AdvisorSection::default() };
+    std::fs::write(&f, "5").expect("write");
+    assert_eq!(current_replicas(&c), Ok(Some(5)));
+    assert_eq!(current_replicas(&AdvisorSection { replicas: Some(2), ..AdvisorSection::default() }), Ok(Some(2)));
+}
