@@ -10,6 +10,7 @@
 pub mod capacity;
 pub mod demand;
 pub mod online;
+pub mod replay;
 pub mod suggest;
 
 use std::path::Path;
