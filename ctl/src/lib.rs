@@ -105,6 +105,8 @@ pub enum Response {
     Ok(String),
     Status(Box<StatusReport>),
     Error { kind: ErrorKind, message: String },
+    /// Answer to [`Request::Advice`].
+    Advice(Box<AdviceReport>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +157,78 @@ pub struct StatusReport {
     pub tpot_slo_s: f64,
     pub governor: Option<GovernorSummary>,
     pub last_error: Option<String>,
+}
+
+/// What the replica advisor sees arriving at this replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceDemand {
+    /// Requests per second (smoothed).
+    pub arrival_rate: f64,
+    pub mean_prompt_tokens: f64,
+    pub mean_output_tokens: f64,
+    pub running: f64,
+    pub waiting: f64,
+    /// This replica's demand in replicas (summed over pods: the replicas the load needs).
+    pub replicas: f64,
+}
+
+/// The online model's estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceOnline {
+    pub max_rate: f64,
+    /// Which limit caps it (TPOT objective, TTFT objective, max running requests, saturation).
+    pub limit: String,
+    pub predicted_tpot_s: f64,
+    pub predicted_ttft_s: f64,
+    /// Weight of this estimate in the combined capacity, 0..1.
+    pub weight: f64,
+}
+
+/// The capacity profile's estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceProfile {
+    pub path: String,
+    pub bucket_prompt_tokens: u32,
+    pub bucket_output_tokens: u32,
+    pub measured_rate: f64,
+    pub measured_clock_mhz: Option<u32>,
+    /// Scaled to the current clock.
+    pub max_rate: f64,
+}
+
+/// Step-time fit of the online model at the current clock (seconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceFit {
+    pub alpha_s: f64,
+    pub beta_s: f64,
+    pub delta_s: f64,
+    pub observations: f64,
+}
+
+/// `agentctl advice`: demand, capacity from both sources, the suggestion and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceReport {
+    pub model: String,
+    /// SM clock the capacity is computed for, MHz.
+    pub clock_mhz: f64,
+    pub ttft_slo_s: f64,
+    pub tpot_slo_s: f64,
+    pub demand: Option<AdviceDemand>,
+    /// Combined capacity per replica, requests per second.
+    pub capacity_rate: Option<f64>,
+    pub online: Option<AdviceOnline>,
+    pub profile: Option<AdviceProfile>,
+    pub fit: AdviceFit,
+    /// Capacity minus arrivals, requests per second.
+    pub headroom_rate: Option<f64>,
+    pub current_replicas: Option<u32>,
+    /// ceil(fleet demand / target utilisation) before tolerance, delay and bounds.
+    pub desired_replicas: Option<u32>,
+    pub suggested_replicas: Option<u32>,
+    pub stale: bool,
+    /// Seconds since the last usable vLLM window.
+    pub data_age_s: f64,
+    pub reason: String,
 }
 
 /// Framing and decoding problems.

@@ -9,8 +9,10 @@
 
 pub mod capacity;
 pub mod demand;
+pub mod metrics;
 pub mod online;
 pub mod replay;
+pub mod report;
 pub mod suggest;
 
 use std::path::Path;
@@ -49,6 +51,11 @@ pub struct Context<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Advice {
     pub model: String,
+    /// The SM clock the capacity is computed for.
+    pub clock_mhz: f64,
+    pub objectives: Objectives,
+    /// The online model's step-time fit at that clock.
+    pub fit: online::Coefficients,
     pub demand: Option<Demand>,
     pub capacity: Option<Capacity>,
     /// This replica's demand in replicas: arrivals (plus queue drain) over its capacity.
@@ -175,6 +182,9 @@ impl Advisor {
         let reason = explain(&demand, &capacity, demand_replicas, ctx.replicas, suggestion, stale, data_age_s);
         Advice {
             model: model_name.to_string(),
+            clock_mhz: ctx.clock_mhz,
+            objectives: ctx.objectives,
+            fit: self.model.coefficients(ctx.clock_mhz, ctx.max_clock_mhz),
             demand,
             capacity,
             demand_replicas,

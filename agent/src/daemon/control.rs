@@ -112,7 +112,11 @@ impl Agent {
             },
             Request::Reload => failed("reload is handled by the daemon loop"),
             Request::Tune(_) => failed("`tune` needs the trial launcher, which this gpu-agent version does not have"),
-            Request::Advice => failed("`advice` needs the replica advisor, which this gpu-agent version does not have"),
+            Request::Advice => match &self.status_read().advice {
+                Some(a) => Response::Advice(Box::new(a.report())),
+                None if self.cfg.advisor.enabled => failed("no advice yet: the advisor has not run a cycle"),
+                None => failed("the replica advisor is disabled (advisor.enabled = false in the config)"),
+            },
         }
     }
 
