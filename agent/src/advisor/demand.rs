@@ -11,9 +11,9 @@ use crate::vllm::Window;
 pub struct Demand {
     /// Requests per second arriving at this replica.
     pub arrival_rate: f64,
-    /// Mean prompt length of the requests, tokens.
+    /// Mean prompt length of the requests, tokens (0 until a request finished).
     pub mean_prompt_tokens: f64,
-    /// Mean output length of the requests, tokens.
+    /// Mean output length of the requests, tokens (0 until a request finished).
     pub mean_output_tokens: f64,
     /// Requests running and waiting at the end of the last window.
     pub running: f64,
@@ -66,7 +66,7 @@ pub fn arrivals_per_second(w: &Window, in_system_before: Option<f64>) -> Option<
 
 impl DemandTracker {
     /// Feeds one window; returns the smoothed demand, or None when the window was unusable
-    /// (counter reset, missing series) and nothing was learnt before.
+    /// (counter reset, missing series).
     pub fn observe(&mut self, w: &Window, tau: f64) -> Option<Demand> {
         let now_in_system = w.num_requests_running.map(|r| r + w.num_requests_waiting.unwrap_or(0.0));
         let raw = arrivals_per_second(w, self.in_system);
@@ -83,8 +83,8 @@ impl DemandTracker {
         }
         let d = Demand {
             arrival_rate,
-            mean_prompt_tokens: self.prompt.get()?,
-            mean_output_tokens: self.output.get()?,
+            mean_prompt_tokens: self.prompt.get().unwrap_or(0.0),
+            mean_output_tokens: self.output.get().unwrap_or(0.0),
             running: w.num_requests_running.unwrap_or(0.0),
             waiting: w.num_requests_waiting.unwrap_or(0.0),
         };

@@ -83,8 +83,10 @@ pub struct Advisor {
     suggester: Suggester,
     started_s: Option<f64>,
     last_good_s: Option<f64>,
-    /// Last good demand in replica units and capacity, kept while stale.
-    last_good: Option<(Demand, Capacity, f64)>,
+    /// Last good demand and this replica's demand in replicas, kept while stale.
+    last_good: Option<(Demand, f64)>,
+    /// Last capacity estimate (absent while idle before any request finished).
+    last_capacity: Option<Capacity>,
     cycles: u64,
 }
 
@@ -103,6 +105,7 @@ impl Advisor {
             started_s: None,
             last_good_s: None,
             last_good: None,
+            last_capacity: None,
             cycles: 0,
         }
     }
@@ -138,11 +141,13 @@ impl Advisor {
         let started = *self.started_s.get_or_insert(ctx.now_s);
         let model_name = if self.cfg.model_name.is_empty() { ctx.model } else { &self.cfg.model_name };
 
+        // (demand, this replica's demand in replicas) from this cycle's window.
         let mut fresh = None;
         if let Some(w) = window {
             if let Some(d) = self.demand.observe(w, self.cfg.smoothing_seconds) {
                 let raw_rate = demand::arrivals_per_second(w, None).unwrap_or(d.arrival_rate);
                 self.model.observe(w, ctx.clock_mhz, ctx.max_clock_mhz, raw_rate.max(d.arrival_rate));
+                let known_mix = d.mean_prompt_tokens > 0.0 && d.mean_output_tokens > 0.0;
                 let load = Load {
                     prompt_tokens: d.mean_prompt_tokens,
                     output_tokens: d.mean_output_tokens,
@@ -150,27 +155,37 @@ impl Advisor {
                     max_clock_mhz: ctx.max_clock_mhz,
                 };
                 let profile = self.profiles.best(ctx.gpu, model_name);
-                let cap = capacity::combine(&self.model, profile, load, ctx.objectives, f64::from(self.cfg.max_num_seqs));
-                if let Some(cap) = cap {
-                    let needed = d.arrival_rate + d.waiting / DRAIN_S;
-                    fresh = Some((d, cap.clone(), needed / cap.max_rate));
-                    self.last_good = fresh.clone();
+                let max_seqs = f64::from(self.cfg.max_num_seqs);
+                let cap = known_mix.then(|| capacity::combine(&self.model, profile, load, ctx.objectives, max_seqs)).flatten();
+                let needed = d.arrival_rate + d.waiting / DRAIN_S;
+                let replicas = match &cap {
+                    Some(c) => Some(needed / c.max_rate),
+                    // Verified idle (vLLM's own counters say nothing arrived): no demand, fresh.
+                    None if needed <= 0.0 && d.running <= 0.0 => Some(0.0),
+                    None => None,
+                };
+                if cap.is_some() {
+                    self.last_capacity = cap;
+                }
+                if let Some(r) = replicas {
+                    fresh = Some((d, r));
+                    self.last_good = Some((d, r));
                     self.last_good_s = Some(ctx.now_s);
                 }
             }
         }
         let data_age_s = ctx.now_s - self.last_good_s.unwrap_or(started);
         let stale = data_age_s > self.cfg.stale_after_seconds;
-        // Fresh data, or the last good values while they are not stale yet; stale: no new input.
-        let (demand, capacity, demand_replicas) = match (&fresh, &self.last_good) {
-            (Some(f), _) => (Some(f.0), Some(f.1.clone()), Some(f.2)),
-            (None, Some(g)) => (Some(g.0), Some(g.1.clone()), Some(g.2)),
-            (None, None) => (None, None, None),
+        // Fresh values, or the last good ones (flagged stale once they are old).
+        let (demand, demand_replicas) = match self.last_good {
+            Some((d, r)) => (Some(d), Some(r)),
+            None => (None, None),
         };
+        let capacity = self.last_capacity.clone();
         let policy = self.policy();
         let suggester = &mut self.suggester;
         let suggestion = ctx.replicas.map(|current| match (&fresh, suggester.last()) {
-            (Some(f), _) => suggester.suggest(ctx.now_s, Some(f.2 * f64::from(current)), current, &policy),
+            (Some(f), _) => suggester.suggest(ctx.now_s, Some(f.1 * f64::from(current)), current, &policy),
             // A missed scrape or two: hold the last suggestion without calling it stale.
             (None, Some(last)) if !stale => last,
             (None, _) => suggester.suggest(ctx.now_s, None, current, &policy),
@@ -227,6 +242,9 @@ fn explain(
                 "{:.2} req/s arriving ({:.0} prompt / {:.0} output tokens, {:.0} waiting) against {:.2} req/s per replica from the {source}: {:.2} replicas of demand here",
                 d.arrival_rate, d.mean_prompt_tokens, d.mean_output_tokens, d.waiting, c.max_rate, r
             ));
+        }
+        (Some(_), None, Some(r)) if r <= 0.0 => {
+            out.push("vLLM is idle (no request has arrived or finished): no demand".into())
         }
         _ => out.push("no capacity estimate yet: waiting for windows with decoding or a capacity profile".into()),
     }

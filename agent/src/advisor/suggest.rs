@@ -88,6 +88,13 @@ impl Suggester {
             want = current;
             why = Why::WithinTolerance;
         }
+        if policy.scale_down_delay_s <= 0.0 {
+            self.wanted.clear();
+        } else if self.last.is_none() {
+            // Just started, nothing known about the past: the running count holds for one
+            // delay, so a restart of the agent never scales down at once.
+            self.wanted.push_back((now, current));
+        }
         self.wanted.push_back((now, want));
         while self.wanted.front().is_some_and(|(t, _)| *t < now - policy.scale_down_delay_s) {
             self.wanted.pop_front();
@@ -153,6 +160,10 @@ mod tests {
         let mut s = Suggester::default();
         let none = s.suggest(0.0, None, 3, &P);
         assert_eq!((none.replicas, none.why), (3, Why::NoData));
+        // The first estimate after a start does not scale down before the delay.
+        let mut fresh = Suggester::default();
+        assert_eq!(fresh.suggest(0.0, Some(1.0), 3, &P).replicas, 3);
+        assert_eq!(fresh.suggest(61.0, Some(1.0), 3, &P).replicas, 1);
         assert_eq!(s.suggest(1.0, Some(6.6), 3, &P).replicas, 7);
         for t in 2..1000 {
             let st = s.suggest(f64::from(t), None, 3, &P);

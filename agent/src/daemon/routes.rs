@@ -112,3 +112,43 @@ impl Routes for AgentRoutes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::advisor::{Advisor, Context};
+    use crate::config::AdvisorSection;
+
+    fn status(replicas: Option<u32>) -> super::super::Status {
+        let cfg = AdvisorSection { namespace: "ml".into(), deployment: "llama".into(), ..AdvisorSection::default() };
+        let ctx = Context {
+            now_s: 0.0,
+            model: "m",
+            gpu: "",
+            clock_mhz: 1980.0,
+            max_clock_mhz: 1980.0,
+            objectives: crate::advisor::online::Objectives { ttft_s: 0.5, tpot_s: 0.05 },
+            replicas,
+        };
+        super::super::Status {
+            aibrix: AibrixTarget::from_config(&cfg),
+            advice: Some(Advisor::new(cfg).observe(None, &ctx)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn aibrix_endpoint_answers_for_its_deployment_and_never_with_zero() {
+        // Known replica count, no data yet: the current count, in hundredths.
+        let r = aibrix(&status(Some(3)), "ml", "llama");
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.body.contains("vllm:deployment_replicas{model_name=\"m\"} 300\n"), "{}", r.body);
+        // Unknown replica count: 503 with the reason, not a 0.
+        let r = aibrix(&status(None), "ml", "llama");
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.body.contains("replica count unknown"), "{}", r.body);
+        assert_eq!(aibrix(&status(Some(3)), "ml", "other").status, StatusCode::NOT_FOUND);
+        let off = super::super::Status::default();
+        assert!(aibrix(&off, "ml", "llama").body.contains("disabled"));
+    }
+}
