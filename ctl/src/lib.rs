@@ -222,7 +222,7 @@ pub struct AdviceReport {
     /// Capacity minus arrivals, requests per second.
     pub headroom_rate: Option<f64>,
     pub current_replicas: Option<u32>,
-    /// ceil(fleet demand / target utilisation) before tolerance, delay and bounds.
+    /// ceil(fleet demand) before tolerance, delay and bounds.
     pub desired_replicas: Option<u32>,
     pub suggested_replicas: Option<u32>,
     pub stale: bool,

@@ -58,8 +58,9 @@ pub struct Advice {
     pub fit: online::Coefficients,
     pub demand: Option<Demand>,
     pub capacity: Option<Capacity>,
-    /// This replica's demand in replicas: arrivals (plus queue drain) over its capacity.
-    /// Summed over the pods, the replicas the load needs.
+    /// This replica's demand in replicas: arrivals (plus queue drain) over its capacity at the
+    /// target utilisation. Summed over the pods, the replicas the load needs (an HPA
+    /// AverageValue target of 1 acts on it as is).
     pub demand_replicas: Option<f64>,
     /// Capacity minus arrivals, requests per second.
     pub headroom_rate: Option<f64>,
@@ -126,7 +127,6 @@ impl Advisor {
         Policy {
             min_replicas: self.cfg.min_replicas,
             max_replicas: self.cfg.max_replicas,
-            target_utilization: self.cfg.target_utilization,
             tolerance: self.cfg.tolerance,
             scale_down_delay_s: self.cfg.scale_down_delay_seconds,
         }
@@ -159,7 +159,7 @@ impl Advisor {
                 let cap = known_mix.then(|| capacity::combine(&self.model, profile, load, ctx.objectives, max_seqs)).flatten();
                 let needed = d.arrival_rate + d.waiting / DRAIN_S;
                 let replicas = match &cap {
-                    Some(c) => Some(needed / c.max_rate),
+                    Some(c) => Some(needed / (c.max_rate * self.cfg.target_utilization)),
                     // Verified idle (vLLM's own counters say nothing arrived): no demand, fresh.
                     None if needed <= 0.0 && d.running <= 0.0 => Some(0.0),
                     None => None,
@@ -239,7 +239,7 @@ fn explain(
                 (None, _) => "capacity profile (online model not fitted yet)".to_string(),
             };
             out.push(format!(
-                "{:.2} req/s arriving ({:.0} prompt / {:.0} output tokens, {:.0} waiting) against {:.2} req/s per replica from the {source}: {:.2} replicas of demand here",
+                "{:.2} req/s arriving ({:.0} prompt / {:.0} output tokens, {:.0} waiting) against {:.2} req/s per replica from the {source}: {:.2} replicas of demand here at the target utilisation",
                 d.arrival_rate, d.mean_prompt_tokens, d.mean_output_tokens, d.waiting, c.max_rate, r
             ));
         }

@@ -12,7 +12,6 @@ use serde::Serialize;
 pub struct Policy {
     pub min_replicas: u32,
     pub max_replicas: u32,
-    pub target_utilization: f64,
     pub tolerance: f64,
     pub scale_down_delay_s: f64,
 }
@@ -51,7 +50,7 @@ impl Why {
 /// One suggestion.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Suggestion {
-    /// ceil(fleet demand / target utilisation), before tolerance, delay and bounds.
+    /// ceil(fleet demand), before tolerance, delay and bounds.
     pub desired: Option<u32>,
     pub replicas: u32,
     pub why: Why,
@@ -67,7 +66,7 @@ pub struct Suggester {
 
 impl Suggester {
     /// A suggestion at time `now` (seconds) for a fleet demand of `fleet_demand` replicas
-    /// (None: no usable estimate) with `current` replicas running.
+    /// (target utilisation included; None: no usable estimate) with `current` replicas running.
     pub fn suggest(&mut self, now: f64, fleet_demand: Option<f64>, current: u32, policy: &Policy) -> Suggestion {
         let current = current.max(1);
         let Some(demand) = fleet_demand.filter(|d| d.is_finite() && *d >= 0.0) else {
@@ -81,7 +80,7 @@ impl Suggester {
             };
             return s;
         };
-        let exact = demand / policy.target_utilization;
+        let exact = demand;
         let desired = exact.ceil().clamp(0.0, f64::from(u32::MAX)) as u32;
         let (mut want, mut why) = (desired, Why::Demand);
         if desired != current && (exact / f64::from(current) - 1.0).abs() <= policy.tolerance {
@@ -121,8 +120,7 @@ impl Suggester {
 mod tests {
     use super::*;
 
-    const P: Policy =
-        Policy { min_replicas: 1, max_replicas: 10, target_utilization: 1.0, tolerance: 0.1, scale_down_delay_s: 60.0 };
+    const P: Policy = Policy { min_replicas: 1, max_replicas: 10, tolerance: 0.1, scale_down_delay_s: 60.0 };
 
     #[test]
     fn scales_up_at_once_and_down_only_after_the_delay() {
@@ -151,8 +149,6 @@ mod tests {
         let idle = s.suggest(0.0, Some(0.0), 3, &Policy { scale_down_delay_s: 0.0, ..P });
         assert_eq!((idle.replicas, idle.why), (1, Why::Bounds));
         assert_eq!(s.suggest(1.0, Some(50.0), 3, &P).replicas, 10);
-        let cautious = Policy { target_utilization: 0.5, ..P };
-        assert_eq!(Suggester::default().suggest(0.0, Some(2.0), 2, &cautious).replicas, 4);
     }
 
     #[test]

@@ -140,3 +140,56 @@ fn replicas_file_reads_a_number_or_a_downward_api_annotation() {
     assert_eq!(current_replicas(&c), Ok(Some(5)));
     assert_eq!(current_replicas(&AdvisorSection { replicas: Some(2), ..AdvisorSection::default() }), Ok(Some(2)));
 }
+
+/// The cost of one advisor cycle (demand, model refit, capacity from both sources by
+/// bisection, suggestion) with a capacity profile loaded. Run with
+/// `cargo test --release -p gpu-agent --lib advice_cycle_benchmark -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn advice_cycle_benchmark() {
+    use crate::profile::{CapacityBucket, CapacityProfile, ProfileLimits, PROFILE_SCHEMA};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("capacity-profile.json");
+    let buckets = (0..64)
+        .map(|i| CapacityBucket {
+            input_tokens: 64 << (i % 8),
+            output_tokens: 16 << (i / 8),
+            max_request_rate: 10.0 + f64::from(i),
+            output_throughput: 1000.0,
+            p99_ttft_s: 0.3,
+            p99_tpot_s: 0.03,
+            p99_e2e_s: 5.0,
+        })
+        .collect();
+    let p = CapacityProfile {
+        schema: PROFILE_SCHEMA,
+        model: "m".into(),
+        gpu: "g".into(),
+        sm_clock_mhz: Some(1600),
+        flags: Default::default(),
+        limits: ProfileLimits::default(),
+        created_unix: 1,
+        buckets,
+    };
+    p.save(&path).expect("save");
+    let mut a = Advisor::new(AdvisorSection { profiles: vec![path], ..AdvisorSection::default() });
+    let windows: Vec<Window> = (0..50).map(|k| busy(5.0 + f64::from(k))).collect();
+    let n = 200_000usize;
+    let mut times = Vec::with_capacity(n);
+    let mut replicas = 0u64;
+    for i in 0..n {
+        let c = Context { clock_mhz: [1980.0, 1410.0, 1200.0][i % 3], ..ctx(i as f64, Some(4)) };
+        let t = std::time::Instant::now();
+        let adv = a.observe(Some(&windows[i % windows.len()]), &c);
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        replicas += u64::from(adv.suggestion.map_or(0, |s| s.replicas));
+    }
+    times.sort_by(f64::total_cmp);
+    let mean = times.iter().sum::<f64>() / n as f64;
+    println!(
+        "advisor cycle over {n} cycles: mean {mean:.2} us, p50 {:.2} us, p99 {:.2} us, max {:.1} us (checksum {replicas})",
+        times[n / 2],
+        times[n * 99 / 100],
+        times[n - 1]
+    );
+}
