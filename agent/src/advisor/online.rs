@@ -34,8 +34,8 @@ impl<const N: usize> Rls<N> {
     /// Starts from `prior` with variances `spread`.
     pub fn new(prior: [f64; N], spread: [f64; N], forget: f64) -> Self {
         let mut p = [[0.0; N]; N];
-        for i in 0..N {
-            p[i][i] = spread[i];
+        for (i, (row, s)) in p.iter_mut().zip(spread).enumerate() {
+            row[i] = s;
         }
         Self { theta: prior, p, forget, weight: 0.0 }
     }
@@ -50,25 +50,25 @@ impl<const N: usize> Rls<N> {
             return;
         }
         let mut px = [0.0; N];
-        for i in 0..N {
-            px[i] = (0..N).map(|j| self.p[i][j] * x[j]).sum();
+        for (pxi, row) in px.iter_mut().zip(&self.p) {
+            *pxi = row.iter().zip(x).map(|(p, x)| p * x).sum();
         }
         let denom = self.forget + x.iter().zip(&px).map(|(a, b)| a * b).sum::<f64>();
         if !(denom.is_finite() && denom > 0.0) {
             return;
         }
         let err = y - self.predict(x);
-        for i in 0..N {
-            self.theta[i] += px[i] / denom * err;
+        for (t, pxi) in self.theta.iter_mut().zip(&px) {
+            *t += pxi / denom * err;
         }
-        for i in 0..N {
-            for j in 0..N {
-                self.p[i][j] = (self.p[i][j] - px[i] * px[j] / denom) / self.forget;
+        for (row, pxi) in self.p.iter_mut().zip(&px) {
+            for (p, pxj) in row.iter_mut().zip(&px) {
+                *p = (*p - pxi * pxj / denom) / self.forget;
             }
         }
         // Covariance must not blow up in directions the data never excites.
-        for i in 0..N {
-            self.p[i][i] = self.p[i][i].min(1e6);
+        for (i, row) in self.p.iter_mut().enumerate() {
+            row[i] = row[i].min(1e6);
         }
         self.weight = self.weight * self.forget + 1.0;
     }

@@ -152,8 +152,8 @@ pub fn meets(seg: &Segment, rate: f64, n: u32, opts: &ReplayOptions, seed: u64) 
     let schedule = Schedule { segments: vec![share] };
     let mut arrivals = schedule.arrivals(seed).peekable();
     let mut r = Replica::new(&opts.engine)?;
-    let warmup = r.run_until(seg.duration_s * 0.25, &mut arrivals)?;
-    drop(warmup);
+    // Warm-up: its window is not judged.
+    r.run_until(seg.duration_s * 0.25, &mut arrivals)?;
     let w = r.run_until(seg.duration_s, &mut arrivals)?;
     let mean = |l: &Option<crate::vllm::Latency>| l.as_ref().and_then(|l| l.mean);
     // A window without a finished first token or decoding step is idle: nothing to break.
