@@ -319,32 +319,37 @@ mod tests {
     #[test]
     #[ignore]
     fn advisor_replay_table() {
-        let t = std::time::Instant::now();
-        let r = replay(&steps_trace(), &options()).expect("replay");
-        println!("| step | fleet req/s | prompt/output tokens | capacity/replica (req/s) | fleet demand | suggested | truth |");
-        println!("|---|---|---|---|---|---|---|");
-        for s in &r.steps {
+        for target in [1.0, 0.9] {
+            let mut opts = options();
+            opts.advisor.target_utilization = target;
+            let t = std::time::Instant::now();
+            let r = replay(&steps_trace(), &opts).expect("replay");
+            println!("\ntarget_utilization {target}");
+            println!("| step | fleet req/s | prompt/output tokens | capacity/replica (req/s) | fleet demand | suggested | truth |");
+            println!("|---|---|---|---|---|---|---|");
+            for s in &r.steps {
+                println!(
+                    "| {} | {:.0} | {:.0}/{:.0} | {} | {} | {} | {} |",
+                    s.segment,
+                    s.rate,
+                    s.prompt_tokens,
+                    s.output_tokens,
+                    s.capacity_rate.map_or("-".into(), |c| format!("{c:.1}")),
+                    s.fleet_demand.map_or("-".into(), |d| format!("{d:.2}")),
+                    s.suggested,
+                    s.truth.map_or("-".into(), |t| t.to_string())
+                );
+            }
             println!(
-                "| {} | {:.0} | {:.0}/{:.0} | {} | {} | {} | {} |",
-                s.segment,
-                s.rate,
-                s.prompt_tokens,
-                s.output_tokens,
-                s.capacity_rate.map_or("-".into(), |c| format!("{c:.1}")),
-                s.fleet_demand.map_or("-".into(), |d| format!("{d:.2}")),
-                s.suggested,
-                s.truth.map_or("-".into(), |t| t.to_string())
+                "mean |error| {:.2}, exact {}/{}, within one {}, under {}, advice {:.1} us, wall {:.1} s",
+                r.mean_abs_error,
+                r.exact,
+                r.steps.len(),
+                r.within_one,
+                r.under,
+                r.mean_advice_us,
+                t.elapsed().as_secs_f64()
             );
         }
-        println!(
-            "mean |error| {:.2}, exact {}/{}, within one {}, under {}, advice {:.1} us, wall {:.1} s",
-            r.mean_abs_error,
-            r.exact,
-            r.steps.len(),
-            r.within_one,
-            r.under,
-            r.mean_advice_us,
-            t.elapsed().as_secs_f64()
-        );
     }
 }
