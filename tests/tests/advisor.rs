@@ -24,7 +24,12 @@ fn m(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 fn advice(socket: &Path) -> serde_json::Value {
-    let o = Command::new(bin("agentctl")).arg("--socket").arg(socket).args(["advice", "--json"]).output().expect("agentctl");
+    let o = Command::new(bin("agentctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["advice", "--json"])
+        .output()
+        .expect("agentctl");
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).expect("advice JSON")
 }
@@ -61,7 +66,8 @@ fn write_profile(path: &Path, gpu: &str, rate: f64) {
 fn advisor_exports_suggestions_aibrix_and_agentctl_and_goes_stale_without_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     let vport = free_port();
-    let vllm = Proc::start("vllm-sim", &["--host", "127.0.0.1", "--port", &vport.to_string(), "--served-model-name", MODEL]);
+    let vllm =
+        Proc::start("vllm-sim", &["--host", "127.0.0.1", "--port", &vport.to_string(), "--served-model-name", MODEL]);
     let vaddr = SocketAddr::from(([127, 0, 0, 1], vport));
     wait_for(Duration::from_secs(20), "vllm-sim /health", || get(vaddr, "/health").ok().filter(|r| r.status == 200));
 
@@ -96,32 +102,52 @@ fn advisor_exports_suggestions_aibrix_and_agentctl_and_goes_stale_without_zero()
     assert!(other.body.contains("this agent advises ml/llama"), "{}", other.body);
 
     // The trial launcher finishes a study while the agent runs: its profile is picked up.
-    let status = Command::new(bin("agentctl")).arg("--socket").arg(&socket).args(["status", "--json"]).output().expect("status");
+    let status =
+        Command::new(bin("agentctl")).arg("--socket").arg(&socket).args(["status", "--json"]).output().expect("status");
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
     let gpu = status["gpus"][0]["name"].as_str().expect("gpu name").to_string();
     write_profile(&profile, &gpu, 40.0);
 
     let trace = dir.path().join("trace.csv");
-    std::fs::write(&trace, "seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens\n10,30,256,64\n").expect("trace");
-    let load = Proc::start("gpu-agent", &["loadgen", "--url", &format!("http://{vaddr}"), "--model", MODEL, "--trace", trace.to_str().expect("path")]);
+    std::fs::write(&trace, "seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens\n10,30,256,64\n")
+        .expect("trace");
+    let load = Proc::start(
+        "gpu-agent",
+        &["loadgen", "--url", &format!("http://{vaddr}"), "--model", MODEL, "--trace", trace.to_str().expect("path")],
+    );
 
     let labels = [("model_name", MODEL)];
     let text = wait_for(Duration::from_secs(15), "advisor estimates under load", || {
         let t = agent_metrics(addr);
         let busy = metric(&t, "gpu_agent_advisor_arrival_rate_requests_per_second", &labels)? > 10.0
-            && metric(&t, "gpu_agent_advisor_capacity_requests_per_second", &[("model_name", MODEL), ("source", "online")])? > 0.0
-            && metric(&t, "gpu_agent_advisor_capacity_requests_per_second", &[("model_name", MODEL), ("source", "profile")])? > 0.0;
+            && metric(
+                &t,
+                "gpu_agent_advisor_capacity_requests_per_second",
+                &[("model_name", MODEL), ("source", "online")],
+            )? > 0.0
+            && metric(
+                &t,
+                "gpu_agent_advisor_capacity_requests_per_second",
+                &[("model_name", MODEL), ("source", "profile")],
+            )? > 0.0;
         busy.then_some(t)
     });
     assert_promtool_clean(&text);
     let demand = metric(&text, "gpu_agent_advisor_demand_replicas", &labels).expect("demand");
-    let combined = metric(&text, "gpu_agent_advisor_capacity_requests_per_second", &[("model_name", MODEL), ("source", "combined")])
-        .expect("combined capacity");
+    let combined = metric(
+        &text,
+        "gpu_agent_advisor_capacity_requests_per_second",
+        &[("model_name", MODEL), ("source", "combined")],
+    )
+    .expect("combined capacity");
     let arrival = metric(&text, "gpu_agent_advisor_arrival_rate_requests_per_second", &labels).expect("arrival");
     // Demand in replicas = arrivals over capacity at the default target utilisation 0.9 (the
     // queue-drain term adds a little while requests wait).
     let expected = arrival / (combined * 0.9);
-    assert!(demand >= expected * 0.99 && demand < expected * 1.3 + 0.01, "demand {demand} vs {arrival}/({combined} x 0.9)");
+    assert!(
+        demand >= expected * 0.99 && demand < expected * 1.3 + 0.01,
+        "demand {demand} vs {arrival}/({combined} x 0.9)"
+    );
     assert_eq!(metric(&text, "gpu_agent_advisor_current_replicas", &labels), Some(2.0));
     assert_eq!(metric(&text, "gpu_agent_advisor_stale", &[]), Some(0.0));
     let suggested = metric(&text, "gpu_agent_advisor_suggested_replicas", &labels).expect("suggested");
@@ -162,8 +188,12 @@ fn advisor_exports_suggestions_aibrix_and_agentctl_and_goes_stale_without_zero()
     assert!(metric(&text, "gpu_agent_advisor_data_age_seconds", &[]).is_some_and(|a| a > 2.0));
     let stale_suggestion = metric(&text, "gpu_agent_advisor_suggested_replicas", &labels).expect("kept");
     assert!(stale_suggestion >= 1.0, "{stale_suggestion} (was {before})");
-    assert!(metric(&text, "gpu_agent_advisor_capacity_requests_per_second", &[("model_name", MODEL), ("source", "combined")])
-        .is_some_and(|c| c > 0.0));
+    assert!(metric(
+        &text,
+        "gpu_agent_advisor_capacity_requests_per_second",
+        &[("model_name", MODEL), ("source", "combined")]
+    )
+    .is_some_and(|c| c > 0.0));
     assert_eq!(aibrix(addr, "/metrics/ml/llama"), Some(stale_suggestion * 100.0));
     let a = advice(&socket);
     assert_eq!(a["stale"], true);

@@ -124,7 +124,11 @@ pub fn combine(
         let scale = match online {
             Some(now) => {
                 let then = cap_at(measured_clock).max_rate;
-                if then > 0.0 { now.max_rate / then } else { 1.0 }
+                if then > 0.0 {
+                    now.max_rate / then
+                } else {
+                    1.0
+                }
             }
             None => 1.0,
         };

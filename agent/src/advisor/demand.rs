@@ -6,6 +6,11 @@ use serde::Serialize;
 
 use crate::vllm::Window;
 
+/// A surge (see [`Ewma::update_fast_rise`]) is smoothed this many times faster.
+pub const RISE_FACTOR: f64 = 4.0;
+/// A window's rate this far above the average (as a share of it) counts as a surge.
+pub const SURGE: f64 = 0.5;
+
 /// What this replica is asked to serve, smoothed.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Demand {
@@ -36,8 +41,23 @@ impl Ewma {
         v
     }
 
+    /// As [`Ewma::update`], but a value more than `SURGE` above the average moves it with a
+    /// time constant `tau / rise_factor`: a surge in load shows within seconds, while the
+    /// ordinary window-to-window noise (which a faster rise on every uptick would turn into an
+    /// upward bias) is averaged with the full time constant.
+    pub fn update_fast_rise(&mut self, x: f64, dt: f64, tau: f64, rise_factor: f64) -> f64 {
+        let surge = self.value.is_some_and(|v| x > v * (1.0 + SURGE) && x > v + 1.0);
+        self.update(x, dt, if surge { tau / rise_factor } else { tau })
+    }
+
     pub fn get(&self) -> Option<f64> {
         self.value
+    }
+
+    pub fn scale(&mut self, factor: f64) {
+        if let Some(v) = &mut self.value {
+            *v *= factor;
+        }
     }
 }
 
@@ -73,7 +93,7 @@ impl DemandTracker {
         self.in_system = now_in_system;
         let raw = raw?;
         let dt = w.seconds;
-        let arrival_rate = self.rate.update(raw, dt, tau);
+        let arrival_rate = self.rate.update_fast_rise(raw, dt, tau, RISE_FACTOR);
         // Lengths are means of the requests finished in the window: keep the old ones when none did.
         if let Some(p) = w.mean_prompt_tokens.filter(|p| p.is_finite() && *p > 0.0) {
             self.prompt.update(p, dt, tau);
@@ -90,6 +110,15 @@ impl DemandTracker {
         };
         self.last = Some(d);
         Some(d)
+    }
+
+    /// The fleet went from `from` to `to` replicas: with the load split evenly, this replica's
+    /// arrival rate changes by `from / to` at once; waiting for the smoothing to find out would
+    /// leave the estimate wrong for a time constant after every scaling.
+    pub fn replicas_changed(&mut self, from: u32, to: u32) {
+        if from > 0 && to > 0 && from != to {
+            self.rate.scale(f64::from(from) / f64::from(to));
+        }
     }
 
     /// The last demand computed.
@@ -137,15 +166,35 @@ mod tests {
     }
 
     #[test]
-    fn smoothing_follows_a_step_with_its_time_constant() {
+    fn smoothing_follows_a_step_with_its_time_constant_faster_up() {
+        let step = |from: f64, to: f64, secs: u32| {
+            let mut t = DemandTracker::default();
+            t.observe(&window(1.0, from, 5.0, 0.0, 500.0, 200.0), 10.0).expect("demand");
+            let mut last = 0.0;
+            for _ in 0..secs {
+                last = t.observe(&window(1.0, to, 5.0, 0.0, 500.0, 200.0), 10.0).expect("demand").arrival_rate;
+            }
+            last
+        };
+        // After one time constant, 1 - 1/e of the step: 10 s down, 2.5 s up while the step
+        // is a surge (more than 50% above the average), then 10 s again.
+        let share = 1.0 - (-1.0f64).exp();
+        let down = step(20.0, 10.0, 10);
+        assert!((down - (20.0 - 10.0 * share)).abs() < 1e-9, "{down}");
+        let up = step(10.0, 20.0, 10);
+        assert!(up > 10.0 + 10.0 * share + 1.0, "{up}");
+        // A rise within the noise band is averaged at the ordinary pace.
+        let small = step(10.0, 12.0, 10);
+        assert!((small - (10.0 + 2.0 * share)).abs() < 1e-9, "{small}");
+    }
+
+    #[test]
+    fn scaling_the_fleet_moves_the_per_replica_rate_at_once() {
         let mut t = DemandTracker::default();
-        t.observe(&window(1.0, 10.0, 5.0, 0.0, 500.0, 200.0), 10.0).expect("demand");
-        let mut last = 0.0;
-        for _ in 0..10 {
-            last = t.observe(&window(1.0, 20.0, 5.0, 0.0, 500.0, 200.0), 10.0).expect("demand").arrival_rate;
-        }
-        // After one time constant, 1 - 1/e of the step.
-        assert!((last - (10.0 + 10.0 * (1.0 - (-1.0f64).exp()))).abs() < 1e-9, "{last}");
+        t.observe(&window(1.0, 30.0, 5.0, 0.0, 500.0, 200.0), 100.0).expect("demand");
+        t.replicas_changed(2, 3);
+        let d = t.observe(&window(1.0, 20.0, 5.0, 0.0, 500.0, 200.0), 100.0).expect("demand");
+        assert!((d.arrival_rate - 20.0).abs() < 1e-9, "{}", d.arrival_rate);
     }
 
     #[test]

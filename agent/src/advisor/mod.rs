@@ -88,6 +88,8 @@ pub struct Advisor {
     last_good: Option<(Demand, f64)>,
     /// Last capacity estimate (absent while idle before any request finished).
     last_capacity: Option<Capacity>,
+    /// Replica count of the last cycle: a change moves the per-replica demand at once.
+    last_replicas: Option<u32>,
     cycles: u64,
 }
 
@@ -107,6 +109,7 @@ impl Advisor {
             last_good_s: None,
             last_good: None,
             last_capacity: None,
+            last_replicas: None,
             cycles: 0,
         }
     }
@@ -143,6 +146,10 @@ impl Advisor {
 
         // (demand, this replica's demand in replicas) from this cycle's window.
         let mut fresh = None;
+        if let (Some(from), Some(to)) = (self.last_replicas, ctx.replicas) {
+            self.demand.replicas_changed(from, to);
+        }
+        self.last_replicas = ctx.replicas.or(self.last_replicas);
         if let Some(w) = window {
             if let Some(d) = self.demand.observe(w, self.cfg.smoothing_seconds) {
                 let raw_rate = demand::arrivals_per_second(w, None).unwrap_or(d.arrival_rate);
@@ -156,7 +163,9 @@ impl Advisor {
                 };
                 let profile = self.profiles.best(ctx.gpu, model_name);
                 let max_seqs = f64::from(self.cfg.max_num_seqs);
-                let cap = known_mix.then(|| capacity::combine(&self.model, profile, load, ctx.objectives, max_seqs)).flatten();
+                let cap = known_mix
+                    .then(|| capacity::combine(&self.model, profile, load, ctx.objectives, max_seqs))
+                    .flatten();
                 let needed = d.arrival_rate + d.waiting / DRAIN_S;
                 let replicas = match &cap {
                     Some(c) => Some(needed / (c.max_rate * self.cfg.target_utilization)),
@@ -250,7 +259,9 @@ fn explain(
     }
     match (replicas, suggestion) {
         (Some(n), Some(s)) => out.push(format!("{n} replicas running; suggest {}: {}", s.replicas, s.why.as_str())),
-        _ => out.push("current replica count unknown (set advisor.replicas or advisor.replicas_file): no suggestion".into()),
+        _ => out.push(
+            "current replica count unknown (set advisor.replicas or advisor.replicas_file): no suggestion".into(),
+        ),
     }
     out.join("; ")
 }

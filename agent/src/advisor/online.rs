@@ -13,7 +13,8 @@
 //! At a request rate `lambda` with prompt `I` and output `O` tokens, `B = lambda O s` and
 //! `P = lambda I s`, so `s = alpha / (1 - lambda (beta O + delta I))`: latencies grow smoothly
 //! and diverge at saturation. Concurrency `lambda (O s + TTFT)` must also stay within
-//! `max_num_seqs` and the KV cache. The capacity is the largest `lambda` meeting every limit,
+//! `max_num_seqs` and the KV cache, with a square-root staffing margin for the Poisson
+//! fluctuations. The capacity is the largest `lambda` meeting every limit,
 //! found by bisection (every limit grows with `lambda`).
 
 use serde::Serialize;
@@ -139,6 +140,10 @@ const FORGET: f64 = 0.99;
 const MIN_ITL_COUNT: f64 = 20.0;
 /// Latency and the concurrency limit stay this far from the engine's saturation.
 const MAX_LOAD: f64 = 0.95;
+/// Square-root staffing: requests in the system fluctuate by about the square root of their
+/// mean (Poisson), so the mean must stay `beta * sqrt(mean)` below the most that can run at
+/// once or arrivals start to queue (the Halfin-Whitt regime, as in call-centre staffing).
+const STAFFING_BETA: f64 = 1.0;
 
 /// The fitted model of this server.
 #[derive(Debug, Clone)]
@@ -247,7 +252,15 @@ impl OnlineModel {
     }
 
     /// The largest request rate meeting the objectives for this mix at this clock.
-    pub fn capacity(&self, prompt: f64, output: f64, obj: Objectives, clock_mhz: f64, max_mhz: f64, max_num_seqs: f64) -> OnlineCapacity {
+    pub fn capacity(
+        &self,
+        prompt: f64,
+        output: f64,
+        obj: Objectives,
+        clock_mhz: f64,
+        max_mhz: f64,
+        max_num_seqs: f64,
+    ) -> OnlineCapacity {
         let r = Self::slowdown(clock_mhz, max_mhz);
         let c = self.coefficients(clock_mhz, max_mhz);
         let per_request = c.beta_s * output + c.delta_s * prompt;
@@ -266,7 +279,7 @@ impl OnlineModel {
                 Some(Limit::Tpot)
             } else if ttft > obj.ttft_s {
                 Some(Limit::Ttft)
-            } else if conc > n_max {
+            } else if conc + STAFFING_BETA * conc.sqrt() > n_max {
                 Some(Limit::Concurrency)
             } else {
                 None

@@ -111,7 +111,12 @@ impl Replica {
                 if a.at_s > self.engine.now() {
                     break;
                 }
-                let req = SimRequest { prompt_tokens: a.prompt_tokens, max_tokens: a.max_tokens, prefix_id: None, prefix_tokens: 0 };
+                let req = SimRequest {
+                    prompt_tokens: a.prompt_tokens,
+                    max_tokens: a.max_tokens,
+                    prefix_id: None,
+                    prefix_tokens: 0,
+                };
                 self.engine.submit(req);
                 arrivals.next();
             }
@@ -339,6 +344,29 @@ mod tests {
                     s.suggested,
                     s.truth.map_or("-".into(), |t| t.to_string())
                 );
+            }
+            if target == 1.0 {
+                // The true capacity of one replica per mix, by bisection on the rate.
+                for s in &r.steps {
+                    let seg = &steps_trace().schedule.segments[s.segment];
+                    let (mut lo, mut hi) = (0.0, 2.0 * s.capacity_rate.unwrap_or(50.0));
+                    for _ in 0..10 {
+                        let mid = 0.5 * (lo + hi);
+                        if meets(seg, mid, 1, &opts, 99).expect("sim") {
+                            lo = mid
+                        } else {
+                            hi = mid
+                        }
+                    }
+                    let est = s.capacity_rate.unwrap_or(f64::NAN);
+                    println!(
+                        "step {} mix {:.0}/{:.0}: estimated {est:.1} req/s, true {lo:.1} req/s, error {:+.1}%",
+                        s.segment,
+                        s.prompt_tokens,
+                        s.output_tokens,
+                        (est / lo - 1.0) * 100.0
+                    );
+                }
             }
             println!(
                 "mean |error| {:.2}, exact {}/{}, within one {}, under {}, advice {:.1} us, wall {:.1} s",

@@ -1,7 +1,7 @@
 //! The advisor as a whole: stale or missing data never yields 0 replicas.
 
-use super::*;
 use super::suggest::Why;
+use super::*;
 use crate::vllm::Latency;
 
 fn lat(count: f64, mean: f64) -> Latency {
