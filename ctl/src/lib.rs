@@ -182,6 +182,8 @@ pub struct AdviceOnline {
     pub predicted_ttft_s: f64,
     /// Weight of this estimate in the combined capacity, 0..1.
     pub weight: f64,
+    /// Highest recent load as a share of this estimate (below 0.5: an extrapolation).
+    pub observed_share: f64,
 }
 
 /// The capacity profile's estimate.

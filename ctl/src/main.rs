@@ -273,12 +273,13 @@ fn advice_table(a: &AdviceReport) -> String {
     o += &format!(
         "online     {}, fit alpha {:.2} ms + beta {:.3} ms/request + delta {:.4} ms/prompt token ({:.0} windows)\n",
         a.online.as_ref().map_or("-".into(), |c| format!(
-            "{:.2} req/s (weight {:.0}%, limited by the {}; TPOT {:.0} ms, TTFT {:.0} ms there)",
+            "{:.2} req/s (weight {:.0}%, limited by the {}; TPOT {:.0} ms, TTFT {:.0} ms there; load seen up to {:.0}% of it)",
             c.max_rate,
             c.weight * 100.0,
             c.limit,
             c.predicted_tpot_s * 1e3,
-            c.predicted_ttft_s * 1e3
+            c.predicted_ttft_s * 1e3,
+            c.observed_share * 100.0
         )),
         a.fit.alpha_s * 1e3,
         a.fit.beta_s * 1e3,

@@ -43,6 +43,8 @@ pub struct Capacity {
     pub profile: Option<ProfileCapacity>,
     /// Weight of the online model in `max_rate` (0..1).
     pub online_weight: f64,
+    /// Highest recent load as a share of the online estimate: how far it extrapolates.
+    pub observed_share: Option<f64>,
     /// Requests per second one replica sustains within the objectives.
     pub max_rate: f64,
 }
@@ -156,7 +158,8 @@ pub fn combine(
         (None, Some(p)) => p.max_rate,
         (None, None) => return None,
     };
-    (max_rate > 0.0).then_some(Capacity { online, profile, online_weight, max_rate })
+    let observed_share = online.map(|o| model.peak_rate() / o.max_rate);
+    (max_rate > 0.0).then_some(Capacity { online, profile, online_weight, observed_share, max_rate })
 }
 
 #[cfg(test)]

@@ -244,7 +244,15 @@ fn explain(
                     c.online_weight * 100.0,
                     o.limit.as_str()
                 ),
-                (Some(o), None) => format!("online model, limited by the {}", o.limit.as_str()),
+                (Some(o), None) => {
+                    let seen = c.observed_share.unwrap_or(0.0);
+                    let note = if seen < 0.5 {
+                        format!(", extrapolated from a load of {:.0}% of it", seen * 100.0)
+                    } else {
+                        String::new()
+                    };
+                    format!("online model, limited by the {}{note}", o.limit.as_str())
+                }
                 (None, _) => "capacity profile (online model not fitted yet)".to_string(),
             };
             out.push(format!(

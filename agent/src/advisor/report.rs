@@ -28,6 +28,7 @@ impl Advice {
                     predicted_tpot_s: o.tpot_s,
                     predicted_ttft_s: o.ttft_s,
                     weight: c.online_weight,
+                    observed_share: c.observed_share.unwrap_or(0.0),
                 })
             }),
             profile: cap.and_then(|c| c.profile.as_ref()).map(|p| AdviceProfile {
