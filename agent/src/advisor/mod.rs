@@ -39,8 +39,11 @@ pub struct Context<'a> {
     pub model: &'a str,
     /// GPU name as NVML reports it ("" when unknown).
     pub gpu: &'a str,
-    /// The SM clock the governor runs (the highest when the driver manages clocks).
+    /// The SM clock the governor runs now (the highest when the driver manages clocks): the
+    /// capacity is for this clock.
     pub clock_mhz: f64,
+    /// The SM clock the window ran at (the fit learns from it).
+    pub window_clock_mhz: f64,
     pub max_clock_mhz: f64,
     pub objectives: Objectives,
     /// The Deployment's current replica count, when known.
@@ -153,7 +156,7 @@ impl Advisor {
         if let Some(w) = window {
             if let Some(d) = self.demand.observe(w, self.cfg.smoothing_seconds) {
                 let raw_rate = demand::arrivals_per_second(w, None).unwrap_or(d.arrival_rate);
-                self.model.observe(w, ctx.clock_mhz, ctx.max_clock_mhz, raw_rate.max(d.arrival_rate));
+                self.model.observe(w, ctx.window_clock_mhz, ctx.max_clock_mhz, raw_rate.max(d.arrival_rate));
                 let known_mix = d.mean_prompt_tokens > 0.0 && d.mean_output_tokens > 0.0;
                 let load = Load {
                     prompt_tokens: d.mean_prompt_tokens,

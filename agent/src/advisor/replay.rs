@@ -230,6 +230,7 @@ pub fn replay(trace: &Trace, opts: &ReplayOptions) -> Result<ReplayReport, Repla
                 model: &opts.engine.model_name,
                 gpu: "",
                 clock_mhz: max_mhz,
+                window_clock_mhz: max_mhz,
                 max_clock_mhz: max_mhz,
                 objectives: opts.objectives,
                 replicas: Some(replicas),

@@ -58,6 +58,7 @@ fn ctx(now_s: f64, replicas: Option<u32>) -> Context<'static> {
         model: "m",
         gpu: "g",
         clock_mhz: 1980.0,
+        window_clock_mhz: 1980.0,
         max_clock_mhz: 1980.0,
         objectives: Objectives { ttft_s: 0.5, tpot_s: 0.05 },
         replicas,
@@ -178,7 +179,8 @@ fn advice_cycle_benchmark() {
     let mut times = Vec::with_capacity(n);
     let mut replicas = 0u64;
     for i in 0..n {
-        let c = Context { clock_mhz: [1980.0, 1410.0, 1200.0][i % 3], ..ctx(i as f64, Some(4)) };
+        let clock = [1980.0, 1410.0, 1200.0][i % 3];
+        let c = Context { clock_mhz: clock, window_clock_mhz: clock, ..ctx(i as f64, Some(4)) };
         let t = std::time::Instant::now();
         let adv = a.observe(Some(&windows[i % windows.len()]), &c);
         times.push(t.elapsed().as_secs_f64() * 1e6);

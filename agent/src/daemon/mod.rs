@@ -404,11 +404,13 @@ impl Agent {
         if let Some(d) = &decision {
             self.metrics.record_decision(d);
         }
+        // The clock the window ran at, for the advisor's fit (apply may change it now).
+        let window_clock = self.clocks.applied();
         let target = self.decide(failures, decision.as_ref());
         if let Err(e) = self.apply(target) {
             last_error = Some(e.to_string());
         }
-        let advice = self.advise(window.as_ref());
+        let advice = self.advise(window.as_ref(), window_clock);
 
         self.metrics.cycles.inc();
         self.metrics.cycle_duration.observe(started.elapsed().as_secs_f64());
@@ -440,9 +442,10 @@ impl Agent {
         }
     }
 
-    /// Feeds the cycle's window (None: vLLM did not answer) to the replica advisor, at the
-    /// clock now applied, and records its gauges.
-    fn advise(&mut self, window: Option<&Window>) -> Option<crate::advisor::Advice> {
+    /// Feeds the cycle's window (None: vLLM did not answer), which ran at `window_clock`, to
+    /// the replica advisor, which estimates the capacity at the clock now applied; records its
+    /// gauges.
+    fn advise(&mut self, window: Option<&Window>, window_clock: ClockTarget) -> Option<crate::advisor::Advice> {
         let gpu = self.status_read().gpus.first().map(|g| g.name.clone()).unwrap_or_default();
         let advisor = self.advisor.as_mut()?;
         let replicas = match crate::advisor::current_replicas(advisor.config()) {
@@ -459,7 +462,7 @@ impl Agent {
             }
         };
         let max = f64::from(self.max_clock_mhz);
-        let clock = match self.clocks.applied() {
+        let mhz = |c: ClockTarget| match c {
             ClockTarget::Locked(m) => f64::from(m),
             ClockTarget::Default => max,
         };
@@ -468,7 +471,8 @@ impl Agent {
             now_s: self.started.elapsed().as_secs_f64(),
             model: &model,
             gpu: &gpu,
-            clock_mhz: clock,
+            clock_mhz: mhz(self.clocks.applied()),
+            window_clock_mhz: mhz(window_clock),
             max_clock_mhz: max,
             objectives: crate::advisor::online::Objectives {
                 ttft_s: self.cfg.policy.ttft_slo_seconds,

@@ -126,6 +126,7 @@ mod tests {
             model: "m",
             gpu: "",
             clock_mhz: 1980.0,
+            window_clock_mhz: 1980.0,
             max_clock_mhz: 1980.0,
             objectives: crate::advisor::online::Objectives { ttft_s: 0.5, tpot_s: 0.05 },
             replicas,
