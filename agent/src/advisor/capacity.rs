@@ -201,6 +201,55 @@ mod tests {
         assert!(c.online.is_none());
     }
 
+    /// Trains a model on windows from a server with a known step time at `rate` req/s.
+    fn trained(rate: f64) -> OnlineModel {
+        let mut m = OnlineModel::new();
+        for k in 0..60 {
+            let r = rate * (0.8 + 0.02 * f64::from(k % 20));
+            let s = 0.008 / (1.0 - r * (0.00004 * 250.0 + 0.00002 * 500.0));
+            let lat = |count: f64, mean: f64| crate::vllm::Latency { count, mean: Some(mean), p50: None, p90: None, p99: None };
+            let w = crate::vllm::Window {
+                seconds: 1.0,
+                counter_reset: false,
+                num_requests_running: Some(r * 250.0 * s),
+                num_requests_waiting: Some(0.0),
+                kv_cache_usage: Some(0.001 * r * 250.0 * s),
+                request_rate: Some(r),
+                prompt_tokens_rate: Some(r * 500.0),
+                generation_tokens_rate: Some(r * 250.0),
+                prefix_hit_ratio: None,
+                preemptions: Some(0.0),
+                tokens_per_iteration: None,
+                mean_prompt_tokens: Some(500.0),
+                mean_generation_tokens: Some(250.0),
+                ttft: Some(lat(r, 2.0 * s)),
+                itl: Some(lat(r * 250.0, s)),
+                e2e: None,
+            };
+            m.observe(&w, 1980.0, 1980.0, r);
+        }
+        m
+    }
+
+    #[test]
+    fn the_online_model_weighs_more_once_the_load_came_near_its_estimate() {
+        let p = profile("H100", 1, 12.0);
+        let src = Some((Path::new("p.json"), &p));
+        let light = combine(&trained(2.0), src, LOAD, OBJ, 256.0).expect("capacity");
+        let heavy = combine(&trained(40.0), src, LOAD, OBJ, 256.0).expect("capacity");
+        let online = |c: &Capacity| c.online.expect("online").max_rate;
+        assert!(light.online_weight < 0.2, "{light:?}");
+        assert!(heavy.online_weight > 0.9, "{heavy:?}");
+        assert!(light.observed_share.is_some_and(|s| s < 0.1));
+        // The combination lies between the sources, near the weightier one.
+        for c in [&light, &heavy] {
+            let (lo, hi) = (online(c).min(12.0), online(c).max(12.0));
+            assert!(c.max_rate >= lo - 1e-9 && c.max_rate <= hi + 1e-9, "{c:?}");
+        }
+        assert!((light.max_rate - 12.0).abs() < (light.max_rate - online(&light)).abs());
+        assert!((heavy.max_rate - online(&heavy)).abs() < (heavy.max_rate - 12.0).abs());
+    }
+
     #[test]
     fn files_are_picked_by_gpu_and_age_and_bad_ones_skipped() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -195,3 +195,25 @@ fn advice_cycle_benchmark() {
         times[n - 1]
     );
 }
+
+#[test]
+fn a_server_idle_since_start_is_fresh_zero_demand_not_stale() {
+    let mut a = Advisor::new(cfg());
+    let mut idle = busy(0.0);
+    idle.num_requests_running = Some(0.0);
+    idle.mean_prompt_tokens = None;
+    idle.mean_generation_tokens = None;
+    idle.itl = None;
+    idle.ttft = None;
+    let mut adv = None;
+    for t in 0..60 {
+        adv = Some(a.observe(Some(&idle), &ctx(f64::from(t), Some(2))));
+    }
+    let adv = adv.expect("advice");
+    assert!(!adv.stale, "{adv:?}");
+    assert_eq!(adv.demand_replicas, Some(0.0));
+    assert!(adv.capacity.is_none());
+    assert!(adv.reason.contains("idle"), "{}", adv.reason);
+    // Scaled down to the minimum only after the delay (0 s here), never to 0.
+    assert_eq!(adv.suggestion.map(|s| s.replicas), Some(1));
+}
