@@ -206,26 +206,7 @@ mod tests {
         let mut m = OnlineModel::new();
         for k in 0..60 {
             let r = rate * (0.8 + 0.02 * f64::from(k % 20));
-            let s = 0.008 / (1.0 - r * (0.00004 * 250.0 + 0.00002 * 500.0));
-            let lat = |count: f64, mean: f64| crate::vllm::Latency { count, mean: Some(mean), p50: None, p90: None, p99: None };
-            let w = crate::vllm::Window {
-                seconds: 1.0,
-                counter_reset: false,
-                num_requests_running: Some(r * 250.0 * s),
-                num_requests_waiting: Some(0.0),
-                kv_cache_usage: Some(0.001 * r * 250.0 * s),
-                request_rate: Some(r),
-                prompt_tokens_rate: Some(r * 500.0),
-                generation_tokens_rate: Some(r * 250.0),
-                prefix_hit_ratio: None,
-                preemptions: Some(0.0),
-                tokens_per_iteration: None,
-                mean_prompt_tokens: Some(500.0),
-                mean_generation_tokens: Some(250.0),
-                ttft: Some(lat(r, 2.0 * s)),
-                itl: Some(lat(r * 250.0, s)),
-                e2e: None,
-            };
+            let w = crate::advisor::testutil::modelled(r, 500.0, 250.0, 0.008, 0.00004, 0.00002);
             m.observe(&w, 1980.0, 1980.0, r);
         }
         m

@@ -131,25 +131,9 @@ impl DemandTracker {
 mod tests {
     use super::*;
 
-    pub(crate) fn window(seconds: f64, finished: f64, running: f64, waiting: f64, prompt: f64, output: f64) -> Window {
-        Window {
-            seconds,
-            counter_reset: false,
-            num_requests_running: Some(running),
-            num_requests_waiting: Some(waiting),
-            kv_cache_usage: Some(0.1),
-            request_rate: Some(finished),
-            prompt_tokens_rate: Some(finished * prompt),
-            generation_tokens_rate: Some(finished * output),
-            prefix_hit_ratio: None,
-            preemptions: Some(0.0),
-            tokens_per_iteration: None,
-            mean_prompt_tokens: Some(prompt),
-            mean_generation_tokens: Some(output),
-            ttft: None,
-            itl: None,
-            e2e: None,
-        }
+    fn window(seconds: f64, finished: f64, running: f64, waiting: f64, prompt: f64, output: f64) -> Window {
+        let w = crate::advisor::testutil::served(finished, prompt, output, 0.01, 0.05, running);
+        Window { seconds, num_requests_waiting: Some(waiting), ..w }
     }
 
     #[test]

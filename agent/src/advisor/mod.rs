@@ -306,3 +306,5 @@ pub fn read_replicas_file(path: &Path) -> Result<u32, String> {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -310,35 +310,7 @@ impl OnlineModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vllm::Latency;
-
-    fn lat(count: f64, mean: f64) -> Latency {
-        Latency { count, mean: Some(mean), p50: None, p90: None, p99: None }
-    }
-
-    /// A window from a server that follows the model exactly.
-    fn window(rate: f64, prompt: f64, output: f64, alpha: f64, beta: f64, delta: f64) -> Window {
-        let s = alpha / (1.0 - rate * (beta * output + delta * prompt));
-        let ttft = 0.01 + 1.5 * s + 0.00002 * prompt;
-        Window {
-            seconds: 1.0,
-            counter_reset: false,
-            num_requests_running: Some(rate * (output * s + ttft)),
-            num_requests_waiting: Some(0.0),
-            kv_cache_usage: Some(0.0005 * rate * (output * s + ttft)),
-            request_rate: Some(rate),
-            prompt_tokens_rate: Some(rate * prompt),
-            generation_tokens_rate: Some(rate * output),
-            prefix_hit_ratio: None,
-            preemptions: Some(0.0),
-            tokens_per_iteration: None,
-            mean_prompt_tokens: Some(prompt),
-            mean_generation_tokens: Some(output),
-            ttft: Some(lat(rate, ttft)),
-            itl: Some(lat(rate * output, s)),
-            e2e: None,
-        }
-    }
+    use crate::advisor::testutil::{lat, modelled as window};
 
     #[test]
     fn rls_recovers_a_line() {

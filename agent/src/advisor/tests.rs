@@ -2,54 +2,10 @@
 
 use super::suggest::Why;
 use super::*;
-use crate::vllm::Latency;
-
-fn lat(count: f64, mean: f64) -> Latency {
-    Latency { count, mean: Some(mean), p50: None, p90: None, p99: None }
-}
+use crate::advisor::testutil::{empty, served};
 
 fn busy(rate: f64) -> Window {
-    let s = 0.01;
-    Window {
-        seconds: 1.0,
-        counter_reset: false,
-        num_requests_running: Some(rate * 2.5),
-        num_requests_waiting: Some(0.0),
-        kv_cache_usage: Some(0.01 * rate),
-        request_rate: Some(rate),
-        prompt_tokens_rate: Some(rate * 500.0),
-        generation_tokens_rate: Some(rate * 200.0),
-        prefix_hit_ratio: None,
-        preemptions: Some(0.0),
-        tokens_per_iteration: None,
-        mean_prompt_tokens: Some(500.0),
-        mean_generation_tokens: Some(200.0),
-        ttft: Some(lat(rate, 0.05)),
-        itl: Some(lat(rate * 200.0, s * (1.0 + rate / 50.0))),
-        e2e: None,
-    }
-}
-
-/// What a vLLM that answers but exports nothing useful gives (e.g. a restart in progress).
-fn empty() -> Window {
-    Window {
-        seconds: 1.0,
-        counter_reset: false,
-        num_requests_running: None,
-        num_requests_waiting: None,
-        kv_cache_usage: None,
-        request_rate: None,
-        prompt_tokens_rate: None,
-        generation_tokens_rate: None,
-        prefix_hit_ratio: None,
-        preemptions: None,
-        tokens_per_iteration: None,
-        mean_prompt_tokens: None,
-        mean_generation_tokens: None,
-        ttft: None,
-        itl: None,
-        e2e: None,
-    }
+    served(rate, 500.0, 200.0, 0.01 * (1.0 + rate / 50.0), 0.05, rate * 2.5)
 }
 
 fn ctx(now_s: f64, replicas: Option<u32>) -> Context<'static> {
