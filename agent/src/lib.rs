@@ -1,5 +1,6 @@
 //! gpu-agent: a sidecar for vLLM that governs GPU clocks, tunes server flags and advises replicas.
 
+pub mod advisor;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: structured `tune` requests and answers, `advice` answers.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame body either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 pub const DEFAULT_SOCKET: &str = "/run/gpu-agent/agent.sock";
@@ -162,6 +163,8 @@ pub enum Response {
     Error { kind: ErrorKind, message: String },
     /// Added after `Error`, whose index older clients decode in the hello answer.
     Tune(TuneReply),
+    /// Answer to [`Request::Advice`].
+    Advice(Box<AdviceReport>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +215,80 @@ pub struct StatusReport {
     pub tpot_slo_s: f64,
     pub governor: Option<GovernorSummary>,
     pub last_error: Option<String>,
+}
+
+/// What the replica advisor sees arriving at this replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceDemand {
+    /// Requests per second (smoothed).
+    pub arrival_rate: f64,
+    pub mean_prompt_tokens: f64,
+    pub mean_output_tokens: f64,
+    pub running: f64,
+    pub waiting: f64,
+    /// This replica's demand in replicas (summed over pods: the replicas the load needs).
+    pub replicas: f64,
+}
+
+/// The online model's estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceOnline {
+    pub max_rate: f64,
+    /// Which limit caps it (TPOT objective, TTFT objective, max running requests, saturation).
+    pub limit: String,
+    pub predicted_tpot_s: f64,
+    pub predicted_ttft_s: f64,
+    /// Weight of this estimate in the combined capacity, 0..1.
+    pub weight: f64,
+    /// Highest recent load as a share of this estimate (below 0.5: an extrapolation).
+    pub observed_share: f64,
+}
+
+/// The capacity profile's estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceProfile {
+    pub path: String,
+    pub bucket_prompt_tokens: u32,
+    pub bucket_output_tokens: u32,
+    pub measured_rate: f64,
+    pub measured_clock_mhz: Option<u32>,
+    /// Scaled to the current clock.
+    pub max_rate: f64,
+}
+
+/// Step-time fit of the online model at the current clock (seconds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceFit {
+    pub alpha_s: f64,
+    pub beta_s: f64,
+    pub delta_s: f64,
+    pub observations: f64,
+}
+
+/// `agentctl advice`: demand, capacity from both sources, the suggestion and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdviceReport {
+    pub model: String,
+    /// SM clock the capacity is computed for, MHz.
+    pub clock_mhz: f64,
+    pub ttft_slo_s: f64,
+    pub tpot_slo_s: f64,
+    pub demand: Option<AdviceDemand>,
+    /// Combined capacity per replica, requests per second.
+    pub capacity_rate: Option<f64>,
+    pub online: Option<AdviceOnline>,
+    pub profile: Option<AdviceProfile>,
+    pub fit: AdviceFit,
+    /// Capacity minus arrivals, requests per second.
+    pub headroom_rate: Option<f64>,
+    pub current_replicas: Option<u32>,
+    /// ceil(fleet demand) before tolerance, delay and bounds.
+    pub desired_replicas: Option<u32>,
+    pub suggested_replicas: Option<u32>,
+    pub stale: bool,
+    /// Seconds since the last usable vLLM window.
+    pub data_age_s: f64,
+    pub reason: String,
 }
 
 /// Framing and decoding problems.
@@ -384,6 +461,45 @@ mod tests {
             assert_eq!(len, f.len() - 4);
             assert_eq!(decode_body::<Request>(&f[4..]).expect("decode"), r);
         }
+    }
+
+    #[test]
+    fn advice_reports_round_trip() {
+        let report = AdviceReport {
+            model: "m".into(),
+            clock_mhz: 1410.0,
+            ttft_slo_s: 0.5,
+            tpot_slo_s: 0.05,
+            demand: Some(AdviceDemand {
+                arrival_rate: 12.5,
+                mean_prompt_tokens: 500.0,
+                mean_output_tokens: 200.0,
+                running: 30.0,
+                waiting: 1.0,
+                replicas: 0.4,
+            }),
+            capacity_rate: Some(31.0),
+            online: Some(AdviceOnline {
+                max_rate: 30.0,
+                limit: "TPOT objective".into(),
+                predicted_tpot_s: 0.05,
+                predicted_ttft_s: 0.2,
+                weight: 0.8,
+                observed_share: 0.6,
+            }),
+            profile: None,
+            fit: AdviceFit { alpha_s: 0.008, beta_s: 1e-5, delta_s: 2e-5, observations: 40.0 },
+            headroom_rate: Some(18.5),
+            current_replicas: Some(3),
+            desired_replicas: Some(2),
+            suggested_replicas: Some(3),
+            stale: false,
+            data_age_s: 0.0,
+            reason: "why".into(),
+        };
+        let resp = Response::Advice(Box::new(report));
+        let f = encode_frame(&resp).expect("encode");
+        assert_eq!(decode_body::<Response>(&f[4..]).expect("decode"), resp);
     }
 
     #[test]

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use agentctl::{Client, ClientError, ModelCmd, Request, Response, StatusReport, TuneCmd, TuneProgress, TuneReply, TuneStart, DEFAULT_SOCKET};
+use agentctl::{
+    AdviceReport, Client, ClientError, ModelCmd, Request, Response, StatusReport, TuneCmd, TuneProgress, TuneReply,
+    TuneStart, DEFAULT_SOCKET,
+};
 
 #[derive(Parser)]
 #[command(name = "agentctl", version, about = "Control a running gpu-agent")]
@@ -273,6 +276,14 @@ fn show(resp: &Response, json: bool) -> ExitCode {
             println!("{text}");
             ExitCode::SUCCESS
         }
+        Response::Advice(a) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(a).unwrap_or_default());
+            } else {
+                print!("{}", advice_table(a));
+            }
+            ExitCode::SUCCESS
+        }
         Response::Error { kind, message } => {
             if json {
                 println!("{}", serde_json::json!({ "ok": false, "error": format!("{kind:?}"), "message": message }));
@@ -366,5 +377,69 @@ fn table(s: &StatusReport) -> String {
     if let Some(e) = &s.last_error {
         o += &format!("last error {e}\n");
     }
+    o
+}
+
+/// The readable `agentctl advice` report.
+fn advice_table(a: &AdviceReport) -> String {
+    let mut o = String::new();
+    let model = if a.model.is_empty() { "-" } else { a.model.as_str() };
+    o += &format!(
+        "advice     {model} at {:.0} MHz, objectives TTFT {:.0} ms, TPOT {:.0} ms{}\n",
+        a.clock_mhz,
+        a.ttft_slo_s * 1e3,
+        a.tpot_slo_s * 1e3,
+        if a.stale { format!(", STALE (no usable data for {:.0} s)", a.data_age_s) } else { String::new() }
+    );
+    match &a.demand {
+        Some(d) => {
+            o += &format!(
+                "demand     {:.2} req/s, {:.0} prompt / {:.0} output tokens, running {:.0}, waiting {:.0}: {:.2} replicas\n",
+                d.arrival_rate, d.mean_prompt_tokens, d.mean_output_tokens, d.running, d.waiting, d.replicas
+            );
+        }
+        None => o += "demand     -\n",
+    }
+    o += &format!(
+        "online     {}, fit alpha {:.2} ms + beta {:.3} ms/request + delta {:.4} ms/prompt token ({:.0} windows)\n",
+        a.online.as_ref().map_or("-".into(), |c| format!(
+            "{:.2} req/s (weight {:.0}%, limited by the {}; TPOT {:.0} ms, TTFT {:.0} ms there; load seen up to {:.0}% of it)",
+            c.max_rate,
+            c.weight * 100.0,
+            c.limit,
+            c.predicted_tpot_s * 1e3,
+            c.predicted_ttft_s * 1e3,
+            c.observed_share * 100.0
+        )),
+        a.fit.alpha_s * 1e3,
+        a.fit.beta_s * 1e3,
+        a.fit.delta_s * 1e3,
+        a.fit.observations,
+    );
+    o += &format!(
+        "profile    {}\n",
+        a.profile.as_ref().map_or("-".into(), |p| format!(
+            "{:.2} req/s ({:.2} measured at {} for {}/{} tokens, {})",
+            p.max_rate,
+            p.measured_rate,
+            p.measured_clock_mhz.map_or("driver clocks".into(), |m| format!("{m} MHz")),
+            p.bucket_prompt_tokens,
+            p.bucket_output_tokens,
+            p.path
+        ))
+    );
+    o += &format!(
+        "capacity   {} per replica, headroom {}\n",
+        opt(a.capacity_rate, 1.0, " req/s", 2),
+        opt(a.headroom_rate, 1.0, " req/s", 2)
+    );
+    let n = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
+    o += &format!(
+        "replicas   current {}, desired {}, suggested {}\n",
+        n(a.current_replicas),
+        n(a.desired_replicas),
+        n(a.suggested_replicas)
+    );
+    o += &format!("why        {}\n", a.reason);
     o
 }

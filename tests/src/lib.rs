@@ -169,3 +169,33 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         }
     })
 }
+
+/// promtool from $PROMTOOL or PATH. CI installs it (see .ci/run); elsewhere the check is
+/// skipped with a message rather than failing on a missing tool.
+pub fn promtool() -> Option<String> {
+    let candidate = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let found = Command::new(&candidate).arg("--version").output().is_ok_and(|o| o.status.success());
+    if found {
+        return Some(candidate);
+    }
+    assert!(std::env::var_os("CI").is_none(), "CI must provide promtool (set PROMTOOL)");
+    eprintln!("skipped promtool check: promtool not found (set PROMTOOL)");
+    None
+}
+
+/// Runs `promtool check metrics` on exposition text; panics with its report when it complains.
+/// Skipped (with a message) where promtool is not installed, except on CI.
+pub fn assert_promtool_clean(text: &str) {
+    let Some(tool) = promtool() else { return };
+    let mut child = Command::new(tool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start promtool");
+    child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool");
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
+}

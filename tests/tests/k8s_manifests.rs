@@ -502,3 +502,177 @@ fn dockerfile_ships_both_binaries_and_the_config() {
         ".dockerignore does not exclude target/"
     );
 }
+
+/// What the agent really exports with the ConfigMap's `[advisor]` section: `gpu-agent
+/// --simulate` (replica count given, since no kubelet writes the annotation here) scraped
+/// until the advisor's gauges appear. Returns the metric families' names, the advisor config
+/// and the AIBrix endpoint's answer.
+fn agent_output() -> (Vec<String>, gpu_agent::config::AdvisorSection, String) {
+    use e2e_tests::{free_port, get, metric, wait_for, Proc};
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    let text = str_of(&config_map()["data"]["agent.toml"], "agent.toml").expect("agent.toml").to_string();
+    let advisor = gpu_agent::config::Config::parse(&text).expect("agent.toml parses").advisor;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nperiod_seconds = 1.0\nstate_dir = \"{}\"\n[control]\nsocket = \"{}\"\n\
+             [advisor]\nreplicas = 2\nnamespace = \"{}\"\ndeployment = \"{}\"\naibrix_units_per_replica = {}\n",
+            dir.path().join("state").display(),
+            dir.path().join("agent.sock").display(),
+            advisor.namespace,
+            advisor.deployment,
+            advisor.aibrix_units_per_replica,
+        ),
+    )
+    .expect("config");
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let agent = Proc::start("gpu-agent", &["--simulate", "--config", cfg.to_str().expect("path"), "--listen", &addr.to_string()]);
+    let metrics = wait_for(Duration::from_secs(40), "the advisor's suggestion on /metrics", || {
+        let m = get(addr, "/metrics").ok()?.body;
+        let suggested = m.lines().find(|l| l.starts_with("gpu_agent_advisor_suggested_replicas{"))?;
+        let demand = m.lines().find(|l| l.starts_with("gpu_agent_advisor_demand_replicas{"))?;
+        (!suggested.is_empty() && !demand.is_empty()).then_some(m)
+    });
+    assert!(metric(&metrics, "gpu_agent_advisor_stale", &[]).is_some());
+    let path = format!("/metrics/{}/{}", advisor.namespace, advisor.deployment);
+    let aibrix = get(addr, &path).expect("AIBrix endpoint");
+    assert_eq!(aibrix.status, 200, "{path}: {}", aibrix.body);
+    drop(agent);
+    let names = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect();
+    (names, advisor, aibrix.body)
+}
+
+/// `gpu_agent_*` metric names a PromQL expression or a series query uses.
+fn agent_metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("gpu_agent_") {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+fn check_target(doc: &Value, what: &str, deploy: &Value) -> Result<(), String> {
+    let target = &doc["spec"]["scaleTargetRef"];
+    if target["name"] != deploy["metadata"]["name"] {
+        return Err(format!("{what} scales {}, not the vLLM Deployment", target["name"]));
+    }
+    if !target["kind"].is_null() && target["kind"] != "Deployment" {
+        return Err(format!("{what} scales a {}", target["kind"]));
+    }
+    Ok(())
+}
+
+fn check_hpa(hpa: &Value, adapter: &Value, exported: &[String], deploy: &Value) -> Result<(), String> {
+    check_target(hpa, "the HPA", deploy)?;
+    let metric = &list(&hpa["spec"]["metrics"], "HPA spec.metrics")?[0];
+    let name = str_of(&metric["pods"]["metric"]["name"], "HPA pods metric name")?;
+    if metric["pods"]["target"]["type"] != "AverageValue" || metric["pods"]["target"]["averageValue"] != "1" {
+        return Err(format!("the HPA target must be AverageValue 1 (the demand is in replicas): {}", metric["pods"]["target"]));
+    }
+    let rules_text = str_of(&adapter["data"]["config.yaml"], "prometheus-adapter config.yaml")?;
+    let rules = parse_docs(rules_text)?.into_iter().next().ok_or("empty adapter config")?;
+    let rule = list(&rules["rules"], "adapter rules")?
+        .iter()
+        .find(|r| r["name"]["as"] == name)
+        .ok_or(format!("no prometheus-adapter rule exposes {name}"))?;
+    let series = agent_metric_names(str_of(&rule["seriesQuery"], "seriesQuery")?);
+    if series.is_empty() || series.iter().any(|s| !exported.contains(s)) {
+        return Err(format!("adapter rule reads {series:?}, the agent exports {exported:?}"));
+    }
+    Ok(())
+}
+
+fn check_keda(so: &Value, exported: &[String], deploy: &Value) -> Result<(), String> {
+    check_target(so, "the ScaledObject", deploy)?;
+    let trigger = &list(&so["spec"]["triggers"], "ScaledObject triggers")?[0];
+    if trigger["type"] != "prometheus" || trigger["metricType"] != "AverageValue" || trigger["metadata"]["threshold"] != "1" {
+        return Err(format!("want a prometheus trigger, AverageValue, threshold 1: {trigger}"));
+    }
+    let names = agent_metric_names(str_of(&trigger["metadata"]["query"], "trigger query")?);
+    if names.is_empty() || names.iter().any(|n| !exported.contains(n)) {
+        return Err(format!("the query reads {names:?}, the agent exports {exported:?}"));
+    }
+    Ok(())
+}
+
+fn check_aibrix(pa: &Value, service: &Value, advisor: &gpu_agent::config::AdvisorSection, answer: &str, deploy: &Value) -> Result<(), String> {
+    check_target(pa, "the PodAutoscaler", deploy)?;
+    let src = &list(&pa["spec"]["metricsSources"], "metricsSources")?[0];
+    let want_path = format!("/metrics/{}/{}", advisor.namespace, advisor.deployment);
+    if src["path"] != want_path.as_str() {
+        return Err(format!("path {} is not the agent's {want_path}", src["path"]));
+    }
+    let metric = str_of(&src["targetMetric"], "targetMetric")?;
+    if !answer.lines().any(|l| l.starts_with(&format!("{metric}{{model_name="))) {
+        return Err(format!("the agent's answer has no {metric}{{model_name=...}}: {answer}"));
+    }
+    if src["targetValue"] != advisor.aibrix_units_per_replica.to_string().as_str() {
+        return Err(format!("targetValue {} is not one replica in the agent's units ({})", src["targetValue"], advisor.aibrix_units_per_replica));
+    }
+    let svc = str_of(&service["metadata"]["name"], "Service name")?;
+    let endpoint = str_of(&src["endpoint"], "endpoint")?;
+    let port = service["spec"]["ports"][0]["port"].as_i64().ok_or("Service port")?;
+    if !endpoint.starts_with(&format!("{svc}.")) || !endpoint.ends_with(&format!(":{port}")) || service["spec"]["ports"][0]["targetPort"] != 9400 {
+        return Err(format!("endpoint {endpoint} is not the Service {svc}:{port} in front of the agents' port 9400"));
+    }
+    if service["spec"]["selector"] != deploy["spec"]["selector"]["matchLabels"] {
+        return Err("the Service does not select the vLLM pods".into());
+    }
+    Ok(())
+}
+
+#[test]
+fn autoscalers_consume_what_the_agent_exports() {
+    let docs = all_docs();
+    let deploy = one(&docs, "Deployment", Some(VLLM));
+    let hpa = one(&docs, "HorizontalPodAutoscaler", None);
+    let adapter = one(&docs, "ConfigMap", Some("prometheus-adapter-gpu-agent"));
+    let keda = one(&docs, "ScaledObject", None);
+    let pa = one(&docs, "PodAutoscaler", None);
+    let service = one(&docs, "Service", Some("vllm-gpu-agent"));
+    let (exported, advisor, answer) = agent_output();
+    check_hpa(&hpa, &adapter, &exported, &deploy).expect("HPA");
+    check_keda(&keda, &exported, &deploy).expect("KEDA");
+    check_aibrix(&pa, &service, &advisor, &answer, &deploy).expect("AIBrix");
+
+    // The checks can fail: a renamed metric, another target, other units.
+    let mut bad = hpa.clone();
+    bad["spec"]["metrics"][0]["pods"]["metric"]["name"] = "gpu_agent_advisor_demand".into();
+    assert!(check_hpa(&bad, &adapter, &exported, &deploy).is_err());
+    let mut bad = keda.clone();
+    bad["spec"]["triggers"][0]["metadata"]["query"] = "sum(gpu_agent_advisor_replicas_needed)".into();
+    assert!(check_keda(&bad, &exported, &deploy).expect_err("unknown metric").contains("gpu_agent_advisor_replicas_needed"));
+    let mut bad = pa.clone();
+    bad["spec"]["metricsSources"][0]["targetValue"] = "1".into();
+    assert!(check_aibrix(&bad, &service, &advisor, &answer, &deploy).is_err());
+    let mut bad = pa;
+    bad["spec"]["scaleTargetRef"]["name"] = "other".into();
+    assert!(check_aibrix(&bad, &service, &advisor, &answer, &deploy).is_err());
+}
+
+#[test]
+fn the_pod_gets_its_annotations_for_the_replica_count() {
+    let deploy = deployment();
+    let text = str_of(&config_map()["data"]["agent.toml"], "agent.toml").expect("agent.toml").to_string();
+    let cfg = gpu_agent::config::Config::parse(&text).expect("agent.toml parses");
+    let file = cfg.advisor.replicas_file.expect("advisor.replicas_file");
+    let agent = container(&deploy, "initContainers", AGENT).expect("agent");
+    let dir = file.parent().and_then(Path::to_str).expect("dir");
+    let vol = volume(&deploy, volume_at(agent, dir).expect("mounted")).expect("volume");
+    let item = &vol["downwardAPI"]["items"][0];
+    assert_eq!(item["fieldRef"]["fieldPath"], "metadata.annotations");
+    assert_eq!(Some(item["path"].as_str().expect("path")), file.file_name().and_then(|f| f.to_str()));
+}

@@ -1,25 +1,10 @@
 //! The quick start: `gpu-agent --simulate` runs the whole agent on the simulated GPU, vLLM and
 //! load, and its `/metrics` passes `promtool check metrics`.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use e2e_tests::{free_port, get, metric, wait_for, Proc};
-
-/// promtool from $PROMTOOL or PATH. CI installs it (see .ci/run); elsewhere the check is
-/// skipped with a message rather than failing on a missing tool.
-fn promtool() -> Option<String> {
-    let candidate = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let found = Command::new(&candidate).arg("--version").output().is_ok_and(|o| o.status.success());
-    if found {
-        return Some(candidate);
-    }
-    assert!(std::env::var_os("CI").is_none(), "CI must provide promtool (set PROMTOOL)");
-    eprintln!("skipped promtool check: promtool not found (set PROMTOOL)");
-    None
-}
+use e2e_tests::{assert_promtool_clean, free_port, get, metric, wait_for, Proc};
 
 #[test]
 fn simulate_runs_end_to_end_and_metrics_pass_promtool() {
@@ -39,19 +24,7 @@ fn simulate_runs_end_to_end_and_metrics_pass_promtool() {
     assert!(metric(&text, "gpu_agent_gpu_power_watts", &[("gpu", "0")]).is_some_and(|w| w > 50.0));
     assert_eq!(get(addr, "/readyz").expect("readyz").status, 200);
 
-    if let Some(tool) = promtool() {
-        let mut child = Command::new(tool)
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start promtool");
-        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("feed promtool");
-        let out = child.wait_with_output().expect("promtool");
-        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}");
-    }
+    assert_promtool_clean(&text);
 
     agent.signal("TERM");
     let (code, err) = agent.wait_exit(Duration::from_secs(10));

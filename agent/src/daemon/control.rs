@@ -115,7 +115,11 @@ impl Agent {
                 let state_dir = self.cfg.agent.state_dir.clone();
                 self.tuner.handle(cmd, &state_dir)
             }
-            Request::Advice => failed("`advice` needs the replica advisor, which this gpu-agent version does not have"),
+            Request::Advice => match &self.status_read().advice {
+                Some(a) => Response::Advice(Box::new(a.report())),
+                None if self.cfg.advisor.enabled => failed("no advice yet: the advisor has not run a cycle"),
+                None => failed("the replica advisor is disabled (advisor.enabled = false in the config)"),
+            },
         }
     }
 

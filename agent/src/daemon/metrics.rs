@@ -51,6 +51,8 @@ pub struct AgentMetrics {
     reward: Gauge,
     edp: Gauge,
     converged: IntGauge,
+    /// The replica advisor's gauges.
+    pub advisor: crate::advisor::metrics::AdvisorMetrics,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -167,6 +169,7 @@ impl AgentMetrics {
                 ))
             ),
             converged: reg!(r, IntGauge::with_opts(opts("governor_converged", "1 once the governor has settled on a clock."))),
+            advisor: crate::advisor::metrics::AdvisorMetrics::new(&r).expect("advisor metric definitions are valid"),
             registry: r,
         }
     }

@@ -85,6 +85,11 @@ pub struct Status {
     #[serde(skip)]
     pub last_cycle: Option<Instant>,
     pub period_seconds: f64,
+    /// The replica advisor's last advice; None while it is disabled.
+    pub advice: Option<crate::advisor::Advice>,
+    /// Where the AIBrix-compatible endpoint answers; None while the advisor is disabled.
+    #[serde(skip)]
+    pub aibrix: Option<routes::AibrixTarget>,
 }
 
 pub type SharedStatus = Arc<RwLock<Status>>;
@@ -257,6 +262,11 @@ pub struct Agent {
     previous: Option<(Instant, Snapshot)>,
     last_energy: Vec<Option<f64>>,
     steering: governing::Steering,
+    advisor: Option<crate::advisor::Advisor>,
+    /// Whether the last replicas_file read failed (logged once per failure streak).
+    replicas_error: bool,
+    /// The SM clocks the group supports (the advisor needs the highest).
+    max_clock_mhz: u32,
     /// The mode `agentctl unpin` goes back to.
     mode_before_pin: PolicyMode,
     started: Instant,
@@ -291,15 +301,20 @@ impl Agent {
             ttft_slo_seconds: cfg.policy.ttft_slo_seconds,
             tpot_slo_seconds: cfg.policy.tpot_slo_seconds,
             period_seconds: cfg.agent.period_seconds,
+            aibrix: routes::AibrixTarget::from_config(&cfg.advisor),
             ..Status::default()
         };
         // One clock for the whole group: only clocks every GPU supports.
         let mut clocks = infos.first().map(|g| g.sm_clocks_mhz.clone()).unwrap_or_default();
         clocks.retain(|c| infos.iter().all(|g| g.sm_clocks_mhz.contains(c)));
         let gpu_model = infos.first().map(|g| g.name.clone()).unwrap_or_default();
+        let max_clock_mhz = clocks.last().copied().unwrap_or(0);
         let steering = governing::Steering::new(clocks, gpu_model, &cfg.agent.state_dir, cfg.policy.clone());
         Ok(Self {
             steering,
+            advisor: cfg.advisor.enabled.then(|| crate::advisor::Advisor::new(cfg.advisor.clone())),
+            replicas_error: false,
+            max_clock_mhz,
             mode_before_pin: if cfg.policy.mode == PolicyMode::Pinned { PolicyMode::Slo } else { cfg.policy.mode },
             started: Instant::now(),
             clocks: ClockKeeper::new(gpu.clone(), cfg.gpu.indices.clone()),
@@ -329,6 +344,11 @@ impl Agent {
         if new.vllm.metrics_url != self.cfg.vllm.metrics_url {
             self.previous = None;
         }
+        match (&mut self.advisor, new.advisor.enabled) {
+            (Some(a), true) => a.reconfigure(new.advisor.clone()),
+            (None, true) => self.advisor = Some(crate::advisor::Advisor::new(new.advisor.clone())),
+            (_, false) => self.advisor = None,
+        }
         {
             let mut st = self.status_write();
             st.vllm_url = new.vllm.metrics_url.clone();
@@ -336,6 +356,10 @@ impl Agent {
             st.ttft_slo_seconds = new.policy.ttft_slo_seconds;
             st.tpot_slo_seconds = new.policy.tpot_slo_seconds;
             st.period_seconds = new.agent.period_seconds;
+            st.aibrix = routes::AibrixTarget::from_config(&new.advisor);
+            if !new.advisor.enabled {
+                st.advice = None;
+            }
         }
         self.cfg = new;
         Ok(())
@@ -384,10 +408,13 @@ impl Agent {
         if let Some(d) = &decision {
             self.metrics.record_decision(d);
         }
+        // The clock the window ran at, for the advisor's fit (apply may change it now).
+        let window_clock = self.clocks.applied();
         let target = self.decide(failures, decision.as_ref());
         if let Err(e) = self.apply(target) {
             last_error = Some(e.to_string());
         }
+        let advice = self.advise(window.as_ref(), window_clock);
 
         self.metrics.cycles.inc();
         self.metrics.cycle_duration.observe(started.elapsed().as_secs_f64());
@@ -414,6 +441,52 @@ impl Agent {
         };
         st.last_error = last_error;
         st.last_cycle = Some(Instant::now());
+        if advice.is_some() {
+            st.advice = advice;
+        }
+    }
+
+    /// Feeds the cycle's window (None: vLLM did not answer), which ran at `window_clock`, to
+    /// the replica advisor, which estimates the capacity at the clock now applied; records its
+    /// gauges.
+    fn advise(&mut self, window: Option<&Window>, window_clock: ClockTarget) -> Option<crate::advisor::Advice> {
+        let gpu = self.status_read().gpus.first().map(|g| g.name.clone()).unwrap_or_default();
+        let advisor = self.advisor.as_mut()?;
+        let replicas = match crate::advisor::current_replicas(advisor.config()) {
+            Ok(n) => {
+                self.replicas_error = false;
+                n
+            }
+            Err(e) => {
+                if !self.replicas_error {
+                    warn!(error = %e, "replica count unknown: no suggestion until it can be read");
+                }
+                self.replicas_error = true;
+                None
+            }
+        };
+        let max = f64::from(self.max_clock_mhz);
+        let mhz = |c: ClockTarget| match c {
+            ClockTarget::Locked(m) => f64::from(m),
+            ClockTarget::Default => max,
+        };
+        let model = self.previous.as_ref().and_then(|(_, s)| s.model_names.first().cloned()).unwrap_or_default();
+        let ctx = crate::advisor::Context {
+            now_s: self.started.elapsed().as_secs_f64(),
+            model: &model,
+            gpu: &gpu,
+            clock_mhz: mhz(self.clocks.applied()),
+            window_clock_mhz: mhz(window_clock),
+            max_clock_mhz: max,
+            objectives: crate::advisor::online::Objectives {
+                ttft_s: self.cfg.policy.ttft_slo_seconds,
+                tpot_s: self.cfg.policy.tpot_slo_seconds,
+            },
+            replicas,
+        };
+        let advice = advisor.observe(window, &ctx);
+        self.metrics.advisor.record(&advice);
+        Some(advice)
     }
 
     /// The clock for this cycle. Safety first: once vLLM has not answered for

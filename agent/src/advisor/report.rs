@@ -1,0 +1,57 @@
+//! The advice as `agentctl advice` receives it.
+
+use agentctl::{AdviceDemand, AdviceFit, AdviceOnline, AdviceProfile, AdviceReport};
+
+use super::Advice;
+
+impl Advice {
+    pub fn report(&self) -> AdviceReport {
+        let cap = self.capacity.as_ref();
+        AdviceReport {
+            model: self.model.clone(),
+            clock_mhz: self.clock_mhz,
+            ttft_slo_s: self.objectives.ttft_s,
+            tpot_slo_s: self.objectives.tpot_s,
+            demand: self.demand.zip(self.demand_replicas).map(|(d, replicas)| AdviceDemand {
+                arrival_rate: d.arrival_rate,
+                mean_prompt_tokens: d.mean_prompt_tokens,
+                mean_output_tokens: d.mean_output_tokens,
+                running: d.running,
+                waiting: d.waiting,
+                replicas,
+            }),
+            capacity_rate: cap.map(|c| c.max_rate),
+            online: cap.and_then(|c| {
+                c.online.map(|o| AdviceOnline {
+                    max_rate: o.max_rate,
+                    limit: o.limit.as_str().to_string(),
+                    predicted_tpot_s: o.tpot_s,
+                    predicted_ttft_s: o.ttft_s,
+                    weight: c.online_weight,
+                    observed_share: c.observed_share.unwrap_or(0.0),
+                })
+            }),
+            profile: cap.and_then(|c| c.profile.as_ref()).map(|p| AdviceProfile {
+                path: p.path.display().to_string(),
+                bucket_prompt_tokens: p.bucket_prompt_tokens,
+                bucket_output_tokens: p.bucket_output_tokens,
+                measured_rate: p.measured_rate,
+                measured_clock_mhz: p.measured_clock_mhz,
+                max_rate: p.max_rate,
+            }),
+            fit: AdviceFit {
+                alpha_s: self.fit.alpha_s,
+                beta_s: self.fit.beta_s,
+                delta_s: self.fit.delta_s,
+                observations: self.fit.observations,
+            },
+            headroom_rate: self.headroom_rate,
+            current_replicas: self.current_replicas,
+            desired_replicas: self.suggestion.and_then(|s| s.desired),
+            suggested_replicas: self.suggestion.map(|s| s.replicas),
+            stale: self.stale,
+            data_age_s: self.data_age_s,
+            reason: self.reason.clone(),
+        }
+    }
+}
