@@ -266,16 +266,25 @@ impl Store {
 }
 
 pub fn write_export(file: &Path, e: &Export) -> Result<(), StoreError> {
-    let text = serde_json::to_string_pretty(e).map_err(|e| StoreError::Encode(e.to_string()))?;
-    std::fs::write(file, text).map_err(|source| StoreError::Write { path: file.to_owned(), source })
+    std::fs::write(file, export_text(e)?).map_err(|source| StoreError::Write { path: file.to_owned(), source })
+}
+
+/// The export as JSON text (what `write_export` writes and `agentctl model export` saves).
+pub fn export_text(e: &Export) -> Result<String, StoreError> {
+    serde_json::to_string_pretty(e).map_err(|e| StoreError::Encode(e.to_string()))
 }
 
 /// Reads an export file, checking its schema version first (so an old file gets a version
 /// error, not a confusing field error).
 pub fn read_export(file: &Path) -> Result<Export, StoreError> {
     let text = std::fs::read_to_string(file).map_err(|source| StoreError::Read { path: file.to_owned(), source })?;
+    parse_export(&text, file)
+}
+
+/// Parses export text; `file` names where it came from in errors.
+pub fn parse_export(text: &str, file: &Path) -> Result<Export, StoreError> {
     let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| StoreError::Format { path: file.to_owned(), msg: e.to_string() })?;
+        serde_json::from_str(text).map_err(|e| StoreError::Format { path: file.to_owned(), msg: e.to_string() })?;
     let found = v
         .get("schema_version")
         .and_then(serde_json::Value::as_u64)

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// 2: structured `tune` requests and answers, `advice` answers.
+/// 2: structured `tune` requests and answers, `advice` answers, model export/import by content.
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame body either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -61,10 +61,11 @@ impl std::str::FromStr for Mode {
 pub enum ModelCmd {
     /// Forget what the governor learnt for this GPU and vLLM model.
     Reset,
-    /// Write the learnt state to a file (path as seen by the agent).
-    Export(PathBuf),
-    /// Load learnt state from a file written by `Export`.
-    Import(PathBuf),
+    /// Send the learnt state (JSON) back; agentctl writes the file as the calling user, so the
+    /// root agent never writes a path a client chose.
+    Export,
+    /// Load learnt state from the JSON text of an `Export` (agentctl reads the file).
+    Import(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +164,8 @@ pub enum Response {
     Error { kind: ErrorKind, message: String },
     /// Added after `Error`, whose index older clients decode in the hello answer.
     Tune(TuneReply),
+    /// Answer to `model export`: the governor's state as JSON.
+    ModelState(String),
     /// Answer to [`Request::Advice`].
     Advice(Box<AdviceReport>),
 }
@@ -444,7 +447,8 @@ mod tests {
             Request::SetMode(Mode::Edp),
             Request::Pin(1410),
             Request::SetSlo { ttft_s: Some(0.3), tpot_s: None },
-            Request::Model(ModelCmd::Export("/tmp/x.json".into())),
+            Request::Model(ModelCmd::Export),
+            Request::Model(ModelCmd::Import("{}".into())),
             Request::Tune(TuneCmd::Start(TuneStart {
                 space: "/etc/gpu-agent/search-space.toml".into(),
                 launch: "vllm serve m {flags}".into(),

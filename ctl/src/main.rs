@@ -110,8 +110,11 @@ enum TuneArg {
 
 #[derive(Subcommand)]
 enum ModelArg {
+    /// Forget what the governor learnt for this GPU and vLLM model.
     Reset,
-    Export { file: PathBuf },
+    /// Save the learnt model as JSON to FILE (written by agentctl, as you), or to stdout.
+    Export { file: Option<PathBuf> },
+    /// Load a model saved by `export` (read by agentctl, as you).
     Import { file: PathBuf },
 }
 
@@ -135,8 +138,15 @@ fn main() -> ExitCode {
         }
         Command::Model { cmd } => Request::Model(match cmd {
             ModelArg::Reset => ModelCmd::Reset,
-            ModelArg::Export { file } => ModelCmd::Export(absolute(file)),
-            ModelArg::Import { file } => ModelCmd::Import(absolute(file)),
+            ModelArg::Export { .. } => ModelCmd::Export,
+            // The client reads and writes model files as the calling user, never the root agent.
+            ModelArg::Import { file } => match std::fs::read_to_string(file) {
+                Ok(text) => ModelCmd::Import(text),
+                Err(e) => {
+                    eprintln!("agentctl: cannot read {}: {e}", file.display());
+                    return ExitCode::from(1);
+                }
+            },
         }),
         Command::Reload => Request::Reload,
         Command::Tune { cmd } => Request::Tune(match cmd {
@@ -164,9 +174,25 @@ fn main() -> ExitCode {
     let follow = matches!(&cli.command, Command::Tune { cmd: TuneArg::Start { wait: true, .. } | TuneArg::Status { follow: true } });
     match client.call(&request) {
         Ok(resp @ Response::Tune(TuneReply::Progress(_))) if follow => follow_study(&mut client, &resp, cli.json),
+        Ok(Response::ModelState(state)) => match &cli.command {
+            Command::Model { cmd: ModelArg::Export { file: Some(file) } } => save_model(file, &state, cli.json),
+            _ => {
+                println!("{state}");
+                ExitCode::SUCCESS
+            }
+        },
         Ok(resp) => show(&resp, cli.json),
         Err(e) => fail(&e),
     }
+}
+
+/// Writes an exported model to `file` as the calling user.
+fn save_model(file: &std::path::Path, state: &str, json: bool) -> ExitCode {
+    if let Err(e) = std::fs::write(file, state) {
+        eprintln!("agentctl: cannot write {}: {e}", file.display());
+        return ExitCode::from(1);
+    }
+    show(&Response::Ok(format!("governor model written to {}", file.display())), json)
 }
 
 /// Polls the study with a progress bar (on a terminal) until it is no longer running; exit 0
@@ -248,6 +274,10 @@ fn fail(e: &ClientError) -> ExitCode {
 
 fn show(resp: &Response, json: bool) -> ExitCode {
     match resp {
+        Response::ModelState(state) => {
+            println!("{state}");
+            ExitCode::SUCCESS
+        }
         Response::Ok(msg) => {
             if json {
                 println!("{}", serde_json::json!({ "ok": true, "message": msg }));

@@ -141,6 +141,15 @@ fn every_command_through_agentctl() {
     let o = ctl(s, &["model", "import", "/nonexistent/model.json"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("/nonexistent/model.json"));
+    // Without a file the export goes to stdout; agentctl, not the agent, touches files.
+    let o = ctl(s, &["model", "export"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let to_stdout: serde_json::Value = serde_json::from_str(&text(&o).0).expect("export on stdout is JSON");
+    assert_eq!(to_stdout["gpu_model"], exported["gpu_model"]);
+    std::fs::write(&file, "{\"schema_version\": 1, \"state\": 3}").expect("write");
+    let o = ctl(s, &["model", "import", file.to_str().expect("path")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("not a governor export"), "{:?}", text(&o));
     let o = ctl(s, &["model", "reset"]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
 

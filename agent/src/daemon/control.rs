@@ -101,11 +101,11 @@ impl Agent {
                     Ok(()) => Response::Ok("governor model reset; learning afresh".into()),
                     Err(e) => failed(format!("model reset: {e}")),
                 },
-                ModelCmd::Export(path) => match self.steering.export(&path) {
-                    Ok(()) => Response::Ok(format!("governor model written to {}", path.display())),
+                ModelCmd::Export => match self.steering.export() {
+                    Ok(json) => Response::ModelState(json),
                     Err(e) => failed(format!("model export: {e}")),
                 },
-                ModelCmd::Import(path) => match self.steering.import(&path) {
+                ModelCmd::Import(json) => match self.steering.import(&json) {
                     Ok(what) => Response::Ok(format!("governor model imported ({what})")),
                     Err(e) => failed(format!("model import: {e}")),
                 },

@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use crate::config::{PolicyMode, PolicySection};
 use crate::governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation};
-use crate::store::{read_export, write_export, Export, Store, SCHEMA_VERSION};
+use crate::store::{export_text, parse_export, Export, Store, SCHEMA_VERSION};
 use crate::vllm::Window;
 
 /// Decisions between two saves of the governor's state.
@@ -135,8 +135,9 @@ impl Steering {
         }
     }
 
-    /// Writes the current governor's state to `file` (JSON, with the schema version).
-    pub fn export(&self, file: &Path) -> Result<(), String> {
+    /// The current governor's state as export JSON (with the schema version). The client
+    /// writes it to a file as itself: the root agent never writes where a client points it.
+    pub fn export(&self) -> Result<String, String> {
         let (Some(g), Some(model)) = (&self.governor, &self.vllm_model) else {
             return Err("nothing learnt yet: the governor starts with the first vLLM window".into());
         };
@@ -146,14 +147,14 @@ impl Steering {
             vllm_model: model.clone(),
             state: g.state(),
         };
-        write_export(file, &e).map_err(|e| e.to_string())
+        export_text(&e).map_err(|e| e.to_string())
     }
 
-    /// Loads a state exported for this GPU model and makes the governor continue from it.
-    pub fn import(&mut self, file: &Path) -> Result<String, String> {
-        let e = read_export(file).map_err(|e| e.to_string())?;
+    /// Loads export JSON learnt on this GPU model and makes the governor continue from it.
+    pub fn import(&mut self, text: &str) -> Result<String, String> {
+        let e = parse_export(text, Path::new("the import")).map_err(|e| e.to_string())?;
         if e.gpu_model != self.gpu_model {
-            return Err(format!("{} was learnt on {:?}, this agent runs {:?}", file.display(), e.gpu_model, self.gpu_model));
+            return Err(format!("the import was learnt on {:?}, this agent runs {:?}", e.gpu_model, self.gpu_model));
         }
         if let Some(store) = &self.store {
             store.save(&e.gpu_model, &e.vllm_model, &e.state).map_err(|e| e.to_string())?;
