@@ -139,7 +139,7 @@ fn check_url(url: &str) -> Result<Uri, ScrapeError> {
         Some(s) => return Err(invalid(&format!("unsupported scheme {s:?}, expected http"))),
         None => return Err(invalid("missing scheme, expected http://host:port/metrics")),
     }
-    if uri.host().map_or(true, str::is_empty) {
+    if uri.host().is_none_or(str::is_empty) {
         return Err(invalid("missing host"));
     }
     Ok(uri)

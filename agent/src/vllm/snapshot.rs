@@ -89,7 +89,7 @@ impl Histogram {
         }
         let mut b: Vec<(f64, f64)> = self.buckets.iter().copied().filter(|(le, _)| !le.is_nan()).collect();
         b.sort_by(|x, y| x.0.total_cmp(&y.0));
-        if b.last().map_or(true, |l| l.0 != f64::INFINITY) {
+        if b.last().is_none_or(|l| l.0 != f64::INFINITY) {
             b.push((f64::INFINITY, self.count));
         }
         // Cumulative counts can only grow; merged or delta'd buckets may wobble by rounding.
