@@ -55,6 +55,21 @@ pub fn edp_per_token(energy_j: f64, tokens: f64, tpot_s: f64) -> Option<f64> {
     (tokens > 0.0 && energy_j >= 0.0 && v.is_finite() && v > 0.0).then_some(v)
 }
 
+/// Median of a non-empty sample (NaN when empty).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
 /// Observed latency over the SLO (1.0 = exactly at the objective).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct SloCheck {
@@ -95,7 +110,9 @@ impl Default for RewardShape {
 
 /// Reward bounds: the bandit's linear models behave better with bounded targets.
 pub const REWARD_MIN: f64 = -4.0;
-pub const REWARD_MAX: f64 = 2.0;
+/// Loose enough that a load several times the baseline's does not saturate (a saturated
+/// reward says nothing about the clock).
+pub const REWARD_MAX: f64 = 3.0;
 
 /// `-ln(edp / baseline)` minus the SLO penalty of each objective, clipped.
 pub fn reward(edp: f64, baseline: f64, slo: &SloCheck, shape: &RewardShape) -> f64 {
@@ -167,6 +184,13 @@ mod tests {
         assert!(r < reward(1.0, 1.0, &SloCheck::default(), &shape), "{r}");
         let edp_only = RewardShape { slo_aware: false, ..shape };
         assert!((reward(0.6, 1.0, &bad, &edp_only) - 0.6f64.recip().ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn median_ignores_one_wild_window() {
+        assert_eq!(median(&[1558.0, 10.5, 20.1, 18.8, 36.3]), 20.1);
+        assert_eq!(median(&[1.0, 3.0]), 2.0);
+        assert!(median(&[]).is_nan());
     }
 
     #[test]
