@@ -531,6 +531,8 @@ impl Governor {
         self.since_change_s += obs.seconds.max(0.0);
         let outcome = Outcome::from_window(obs.window, obs.energy_j, obs.seconds);
         let edp = outcome.edp_per_token();
+        // Learnt from: see [`Outcome::edp_per_processed_token`].
+        let edp_learn = outcome.edp_per_processed_token();
         let slo = outcome.slo_check(&self.cfg.slo);
         let slo_violated = slo.violated();
         let raw = context::raw_features(obs.window);
@@ -557,7 +559,7 @@ impl Governor {
         // Baseline: EDP of the first windows at the maximum clock.
         let applied_arm = self.arm_of(obs.applied);
         if self.baseline_edp.is_none() && applied_arm == self.max_arm() {
-            if let Some(e) = edp {
+            if let Some(e) = edp_learn {
                 self.baseline_samples.push(e);
                 if self.baseline_samples.len() as u32 >= self.cfg.baseline_windows.max(1) {
                     let b = reward::median(&self.baseline_samples);
@@ -570,7 +572,7 @@ impl Governor {
         // Learn from the window just measured.
         let pending = self.pending.take();
         let learnable = !matches!(self.cfg.mode, Mode::Pinned(_));
-        if let (true, Some(b), Some(e)) = (learnable, self.baseline_edp, edp) {
+        if let (true, Some(b), Some(e)) = (learnable, self.baseline_edp, edp_learn) {
             let shape = RewardShape { slo_aware: self.cfg.mode != Mode::Edp && self.cfg.reward.slo_aware, ..self.cfg.reward };
             let r = reward::reward(e, b, &slo, &shape);
             // The context the clock was chosen in; observing mode has no choice, so it uses

@@ -23,6 +23,8 @@ pub struct Slo {
 pub struct Outcome {
     /// Generated tokens in the window.
     pub tokens: f64,
+    /// Prompt tokens prefilled in the window.
+    pub prompt_tokens: f64,
     pub energy_j: f64,
     pub seconds: f64,
     pub ttft_s: Option<f64>,
@@ -31,14 +33,25 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn from_window(w: &Window, energy_j: f64, seconds: f64) -> Self {
-        let tokens = w.generation_tokens_rate.filter(|r| r.is_finite() && *r >= 0.0).map_or(0.0, |r| r * w.seconds);
+        let count = |r: Option<f64>| r.filter(|r| r.is_finite() && *r >= 0.0).map_or(0.0, |r| r * w.seconds);
+        let tokens = count(w.generation_tokens_rate);
+        let prompt_tokens = count(w.prompt_tokens_rate);
         let mean = |l: &Option<crate::vllm::Latency>| l.as_ref().and_then(|l| l.mean).filter(|v| v.is_finite() && *v >= 0.0);
-        Self { tokens, energy_j, seconds, ttft_s: mean(&w.ttft), tpot_s: mean(&w.itl) }
+        Self { tokens, prompt_tokens, energy_j, seconds, ttft_s: mean(&w.ttft), tpot_s: mean(&w.itl) }
     }
 
     /// Joules per generated token x mean TPOT (J*s per token); None without tokens or TPOT.
     pub fn edp_per_token(&self) -> Option<f64> {
         edp_per_token(self.energy_j, self.tokens, self.tpot_s?)
+    }
+
+    /// Joules per processed token (prompt and generated) x mean TPOT: what the governor learns
+    /// from. Over a workload the prompt tokens per generated token are set by the clients, so
+    /// both measures rank clocks alike, but a 1 s window of long prompts and short answers
+    /// holds a handful of prefills: its energy per generated token swings tenfold with how
+    /// many prompts happened to arrive, its energy per processed token does not.
+    pub fn edp_per_processed_token(&self) -> Option<f64> {
+        edp_per_token(self.energy_j, self.tokens + self.prompt_tokens, self.tpot_s?)
     }
 
     pub fn slo_check(&self, slo: &Slo) -> SloCheck {
@@ -148,8 +161,9 @@ mod tests {
 
     #[test]
     fn edp_per_token_is_energy_per_token_times_tpot() {
-        let o = Outcome { tokens: 1000.0, energy_j: 300.0, seconds: 1.0, ttft_s: Some(0.1), tpot_s: Some(0.02) };
+        let o = Outcome { tokens: 1000.0, prompt_tokens: 2000.0, energy_j: 300.0, seconds: 1.0, ttft_s: Some(0.1), tpot_s: Some(0.02) };
         assert!((o.edp_per_token().expect("defined") - 0.3 * 0.02).abs() < 1e-15);
+        assert!((o.edp_per_processed_token().expect("defined") - 0.1 * 0.02).abs() < 1e-15);
         assert_eq!(edp_per_token(300.0, 0.0, 0.02), None);
         assert_eq!(Outcome { tpot_s: None, ..o }.edp_per_token(), None);
     }
@@ -161,6 +175,7 @@ mod tests {
         w.itl = Some(crate::vllm::Latency { count: 10.0, mean: Some(0.015), p50: None, p90: None, p99: None });
         let o = Outcome::from_window(&w, 400.0, 2.0);
         assert_eq!(o.tokens, 500.0);
+        assert_eq!(o.prompt_tokens, 20.0);
         assert_eq!(o.tpot_s, Some(0.015));
         assert_eq!(o.ttft_s, None);
     }

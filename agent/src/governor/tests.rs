@@ -113,6 +113,19 @@ fn converges_near_the_best_edp_clock_within_60_decisions() {
 }
 
 #[test]
+fn sweep_goes_down_every_other_clock_then_back_up() {
+    let coarse = [900, 990, 1080, 1170, 1260, 1350, 1440];
+    assert_eq!(sweep_order(&coarse), vec![1440, 1260, 1080, 900, 990, 1170, 1350]);
+    assert_eq!(sweep_order(&[1980]), vec![1980]);
+    let g = Governor::new(GovernorConfig::default(), &h100_clocks(), None);
+    let order = sweep_order(&g.arms_mhz());
+    assert_eq!(order[0], 1980, "starts at the safe maximum");
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, g.arms_mhz(), "every coarse clock once");
+}
+
+#[test]
 fn slo_mode_stays_out_of_violating_clocks() {
     // TPOT SLO 30 ms: clocks below ~1410 MHz break it.
     let cfg = GovernorConfig { slo: Slo { ttft_s: 1.0, tpot_s: 0.03 }, ..GovernorConfig::default() };
