@@ -8,8 +8,9 @@
 //!    GPU (what the shared model gets wrong for that clock);
 //! 2. an SLO violation jumps to the maximum clock at once (`Fallback`) and bans the violating
 //!    clock and those below it for a while;
-//! 3. otherwise the next clock is chosen: a descending sweep of a coarse grid (ended by an SLO
-//!    violation), then 15 MHz arms around the best, then LinUCB with decaying exploration;
+//! 3. otherwise the next clock is chosen: a sweep of a coarse grid, down from the maximum and
+//!    back up (see [`sweep_order`]; ended early only by an SLO violation), then 15 MHz arms
+//!    around the best, then LinUCB with decaying exploration;
 //!    once the recent choices stay in a narrow band the governor has converged and exploits,
 //!    until the workload shifts or EDP stays above what the models expect.
 //!
@@ -618,7 +619,8 @@ impl Governor {
         d
     }
 
-    /// Bookkeeping after learning from arm `a`: sweep progress, pruning, relearn triggers. `surprise` is the reward minus what the models expected.
+    /// Bookkeeping after learning from arm `a`: sweep progress, pruning, relearn triggers.
+    /// `surprise` is the reward minus what the models expected.
     fn after_learning(&mut self, a: usize, surprise: f64, violated: bool) {
         // The sweep covers the whole coarse grid unless a clock breaks the SLO: stopping where
         // clocks start to look worse judges them before the shared model can tell the load's
