@@ -3,22 +3,27 @@
 //!
 //! One call to [`Governor::decide`] per cycle:
 //! 1. the window just measured is scored (EDP per token against a max-clock baseline, SLO
-//!    penalties) and learnt by the arm that was on the GPU, in the context it was chosen in;
+//!    penalties) and learnt, in the context it was chosen in, by a reward model shared by all
+//!    clocks (load plus a curve in the clock, see [`pooled`]) and by the arm that was on the
+//!    GPU (what the shared model gets wrong for that clock);
 //! 2. an SLO violation jumps to the maximum clock at once (`Fallback`) and bans the violating
 //!    clock and those below it for a while;
-//! 3. otherwise the next clock is chosen: a descending sweep of a coarse grid (stopped early
-//!    once clocks get clearly worse), then 15 MHz arms around the best, then LinUCB with
-//!    decaying exploration; once one clock dominates the recent choices the governor has
-//!    converged and exploits, until the workload shifts or EDP rises.
+//! 3. otherwise the next clock is chosen: a sweep of a coarse grid, down from the maximum and
+//!    back up (see [`sweep_order`]; ended early only by an SLO violation), then 15 MHz arms
+//!    around the best, then LinUCB with decaying exploration;
+//!    once the recent choices stay in a narrow band the governor has converged and exploits,
+//!    until the workload shifts or EDP stays above what the models expect.
 //!
 //! Why it beats AGFT's design (REFERENCE.md): SLO-aware reward with TTFT, a safe jump instead
-//! of permanent pruning, a sensible coarse range instead of the whole 345..1980 span, a sweep
-//! that stops at the knee, and forgetting instead of resets on workload shifts.
+//! of permanent pruning, a sensible coarse range instead of the whole 345..1980 span, clocks
+//! compared with the load held fixed (pooled evidence, so a load ramp does not pass for a good
+//! clock), and forgetting instead of resets on workload shifts.
 
 pub mod agft;
 pub mod bench;
 pub mod context;
 pub mod linucb;
+pub mod pooled;
 pub mod prune;
 pub mod reward;
 pub mod trace;
@@ -130,15 +135,14 @@ pub struct GovernorConfig {
     /// Lowest coarse clock as a share of the maximum (never below the GPU's minimum): below
     /// ~45% of max the H100 sweep shows EDP only rising, for compute- and memory-bound work.
     pub min_share_of_max: f64,
-    /// Ridge prior of each arm's model (`A = lambda I`).
+    /// Ridge prior of each arm's model (`A = lambda I`). Each arm's model only corrects the
+    /// shared one, from a few noisy windows in a 9-feature context: a strong prior keeps one
+    /// lucky window from making a clock look better than the pooled evidence says.
     pub lambda: f64,
     /// Exploration: alpha = max(alpha_min, alpha0 exp(-alpha_decay t)).
     pub alpha0: f64,
     pub alpha_decay: f64,
     pub alpha_min: f64,
-    /// The sweep stops after this many consecutive clocks whose reward is this much below the best.
-    pub sweep_stop_margin: f64,
-    pub sweep_stop_after: u32,
     /// Converged when one clock made `converge_share` of the last `converge_window` choices.
     pub converge_window: usize,
     pub converge_share: f64,
@@ -153,11 +157,12 @@ pub struct GovernorConfig {
     pub min_change_interval_s: f64,
     /// Relearn when short- and long-term workload features drift this far apart (z units).
     pub shift_threshold: f64,
-    /// Relearn when the exploited clock's EDP is this much above what it was at convergence.
+    /// Relearn when the exploited clock's EDP stays this much above what the models expect.
     pub relearn_edp_rise: f64,
     /// Share of each model kept when relearning.
     pub relearn_keep: f64,
-    /// Windows at the maximum clock averaged into the EDP baseline.
+    /// Windows at the maximum clock whose median EDP is the baseline (a median: the first
+    /// window of a cold server can cost 50 times a steady one).
     pub baseline_windows: u32,
     /// Horizon (windows) of the feature normaliser.
     pub normaliser_horizon: f64,
@@ -174,12 +179,10 @@ impl Default for GovernorConfig {
             fine_step_mhz: 15,
             fine_arms_each_side: 3,
             min_share_of_max: 0.45,
-            lambda: 1.0,
+            lambda: 50.0,
             alpha0: 0.3,
             alpha_decay: 0.05,
             alpha_min: 0.02,
-            sweep_stop_margin: 0.08,
-            sweep_stop_after: 2,
             converge_window: 10,
             converge_share: 0.8,
             hysteresis: 0.03,
@@ -189,7 +192,7 @@ impl Default for GovernorConfig {
             shift_threshold: 3.0,
             relearn_edp_rise: 0.3,
             relearn_keep: 0.5,
-            baseline_windows: 3,
+            baseline_windows: 5,
             normaliser_horizon: 300.0,
             prune: PruneRules {
                 extreme_rounds: 60,
@@ -205,8 +208,7 @@ impl Default for GovernorConfig {
     }
 }
 
-/// Dimension of the shared model: the context plus clock and clock squared.
-const SHARED_DIM: usize = DIM + 2;
+use pooled::SHARED_DIM;
 
 /// One cycle's input.
 #[derive(Debug, Clone, Copy)]
@@ -257,6 +259,9 @@ pub struct GovernorState {
     pub sweep_done: bool,
 }
 
+/// The choice whose window is being measured: arm, normalised context, raw features.
+type Pending = (usize, DVector<f64>, [f64; RAW]);
+
 #[derive(Debug, Clone)]
 struct Arm {
     stats: ArmStats,
@@ -288,20 +293,20 @@ pub struct Governor {
     ctx: ContextBuilder,
     baseline_edp: Option<f64>,
     baseline_samples: Vec<f64>,
-    /// Context and arm of the choice whose window is being measured.
-    pending: Option<(usize, DVector<f64>)>,
+    /// Arm, context and raw features of the choice whose window is being measured.
+    pending: Option<Pending>,
+    /// Raw features of the last busy window: the context model-based judgements are made in.
+    last_raw: Option<[f64; RAW]>,
     decisions: u64,
     /// Learning rounds since learning (re)started.
     round: u64,
     sweep_done: bool,
-    sweep_bad_streak: u32,
     refined_around: Vec<u32>,
     /// The clock the last refinement was centred on: its fine arms are tried first.
     refine_center: Option<u32>,
     recent: VecDeque<u32>,
     converged: bool,
     converged_after: Option<u64>,
-    converged_edp: Option<f64>,
     edp_rise_streak: u32,
     fallback_left: u32,
     since_change_s: f64,
@@ -337,16 +342,15 @@ impl Governor {
             baseline_edp: None,
             baseline_samples: Vec::new(),
             pending: None,
+            last_raw: None,
             decisions: 0,
             round: 0,
             sweep_done: false,
-            sweep_bad_streak: 0,
             refined_around: Vec::new(),
             refine_center: None,
             recent: VecDeque::new(),
             converged: false,
             converged_after: None,
-            converged_edp: None,
             edp_rise_streak: 0,
             fallback_left: 0,
             since_change_s: f64::INFINITY,
@@ -490,13 +494,11 @@ impl Governor {
         self.decisions = 0;
         self.round = 0;
         self.sweep_done = false;
-        self.sweep_bad_streak = 0;
         self.refined_around.clear();
         self.refine_center = None;
         self.recent.clear();
         self.converged = false;
         self.converged_after = None;
-        self.converged_edp = None;
         self.edp_rise_streak = 0;
         self.fallback_left = 0;
         self.short_ema = None;
@@ -530,6 +532,8 @@ impl Governor {
         self.since_change_s += obs.seconds.max(0.0);
         let outcome = Outcome::from_window(obs.window, obs.energy_j, obs.seconds);
         let edp = outcome.edp_per_token();
+        // Learnt from: see [`Outcome::edp_per_processed_token`].
+        let edp_learn = outcome.edp_per_processed_token();
         let slo = outcome.slo_check(&self.cfg.slo);
         let slo_violated = slo.violated();
         let raw = context::raw_features(obs.window);
@@ -537,6 +541,9 @@ impl Governor {
             || obs.window.num_requests_running.is_some_and(|r| r > 0.0)
             || obs.window.num_requests_waiting.is_some_and(|w| w > 0.0);
         let x = if busy { Some(self.ctx.build(obs.window)) } else { None };
+        if busy {
+            self.last_raw = Some(raw);
+        }
         let mut d = Decision {
             target: obs.applied,
             phase: Phase::Observe,
@@ -553,12 +560,12 @@ impl Governor {
         // Baseline: EDP of the first windows at the maximum clock.
         let applied_arm = self.arm_of(obs.applied);
         if self.baseline_edp.is_none() && applied_arm == self.max_arm() {
-            if let Some(e) = edp {
+            if let Some(e) = edp_learn {
                 self.baseline_samples.push(e);
                 if self.baseline_samples.len() as u32 >= self.cfg.baseline_windows.max(1) {
-                    let b = self.baseline_samples.iter().sum::<f64>() / self.baseline_samples.len() as f64;
+                    let b = reward::median(&self.baseline_samples);
                     info!(baseline_edp = b, "EDP baseline at the maximum clock measured");
-                    self.baseline_edp = Some(b);
+                    self.baseline_edp = Some(b).filter(|b| b.is_finite() && *b > 0.0);
                 }
             }
         }
@@ -566,24 +573,25 @@ impl Governor {
         // Learn from the window just measured.
         let pending = self.pending.take();
         let learnable = !matches!(self.cfg.mode, Mode::Pinned(_));
-        if let (true, Some(b), Some(e)) = (learnable, self.baseline_edp, edp) {
+        if let (true, Some(b), Some(e)) = (learnable, self.baseline_edp, edp_learn) {
             let shape = RewardShape { slo_aware: self.cfg.mode != Mode::Edp && self.cfg.reward.slo_aware, ..self.cfg.reward };
             let r = reward::reward(e, b, &slo, &shape);
             // The context the clock was chosen in; observing mode has no choice, so it uses
             // the window's own features.
             let learn = match (&pending, applied_arm) {
-                (Some((i, cx)), Some(a)) if *i == a => Some((a, cx.clone())),
-                (_, Some(a)) if self.cfg.mode == Mode::Observe => x.clone().map(|cx| (a, cx)),
+                (Some((i, cx, craw)), Some(a)) if *i == a => Some((a, cx.clone(), *craw)),
+                (_, Some(a)) if self.cfg.mode == Mode::Observe => x.clone().map(|cx| (a, cx, raw)),
                 _ => None,
             };
-            if let Some((a, cx)) = learn {
-                let phi = self.shared_features(&cx, self.arms[a].mhz());
+            if let Some((a, cx, craw)) = learn {
+                let phi = self.shared_features(&craw, self.arms[a].mhz());
                 let base = self.shared.predict(&phi);
+                let surprise = r - base - self.arms[a].model.predict(&cx);
                 self.shared.update(&phi, r);
                 self.arms[a].model.update(&cx, r - base);
                 self.arms[a].stats.record(r, Some(e / b));
                 d.reward = Some(r);
-                self.after_learning(a, r, e / b, slo_violated);
+                self.after_learning(a, surprise, slo_violated);
             }
         }
 
@@ -612,17 +620,14 @@ impl Governor {
     }
 
     /// Bookkeeping after learning from arm `a`: sweep progress, pruning, relearn triggers.
-    fn after_learning(&mut self, a: usize, r: f64, edp_ratio: f64, violated: bool) {
-        if !self.sweep_done {
-            let best = self.arms.iter().filter_map(|x| x.stats.mean_reward()).fold(f64::NEG_INFINITY, f64::max);
-            if violated || r < best - self.cfg.sweep_stop_margin {
-                self.sweep_bad_streak += 1;
-            } else {
-                self.sweep_bad_streak = 0;
-            }
-            if violated || self.sweep_bad_streak >= self.cfg.sweep_stop_after {
-                self.finish_sweep(self.arms[a].mhz());
-            }
+    /// `surprise` is the reward minus what the models expected.
+    fn after_learning(&mut self, a: usize, surprise: f64, violated: bool) {
+        // The sweep covers the whole coarse grid unless a clock breaks the SLO: stopping where
+        // clocks start to look worse judges them before the shared model can tell the load's
+        // effect from the clock's (on the bench's traces that cost more than the few windows at
+        // low clocks it saves).
+        if !self.sweep_done && violated {
+            self.finish_sweep(self.arms[a].mhz());
         }
         let protect = self.protected();
         let pruned = prune::prune(
@@ -638,12 +643,19 @@ impl Governor {
             }
         }
         if self.converged {
-            let rise = self.converged_edp.is_some_and(|c| edp_ratio > c * (1.0 + self.cfg.relearn_edp_rise));
+            // EDP well above what the models expect for this load, window after window: the
+            // workload changed in a way the features do not show.
+            let rise = surprise < -self.cfg.relearn_edp_rise.ln_1p();
             self.edp_rise_streak = if rise { self.edp_rise_streak + 1 } else { 0 };
             if self.edp_rise_streak >= 5 {
                 self.relearn("EDP rose at the exploited clock");
             }
         }
+    }
+
+    /// Expected reward of arm `i` in a context: shared model plus the arm's own correction.
+    fn expected(&self, i: usize, cx: &DVector<f64>, craw: &[f64; RAW]) -> f64 {
+        self.shared.predict(&self.shared_features(craw, self.arms[i].mhz())) + self.arms[i].model.predict(cx)
     }
 
     /// Ends the coarse sweep: untried coarse clocks below `stop_mhz` are dropped (EDP is
@@ -658,11 +670,13 @@ impl Governor {
         }
     }
 
+    /// The tried, active clock the models rate best in the last busy window's context.
     fn best_tried(&self) -> Option<u32> {
-        self.arms
-            .iter()
-            .filter(|a| a.stats.active())
-            .filter_map(|a| a.stats.mean_reward().map(|r| (a.mhz(), r)))
+        let raw = self.last_raw?;
+        let cx = self.ctx.context_of(&raw);
+        (0..self.arms.len())
+            .filter(|&i| self.arms[i].stats.active() && self.arms[i].stats.tries > 0)
+            .map(|i| (self.arms[i].mhz(), self.expected(i, &cx, &raw)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(m, _)| m)
     }
@@ -713,7 +727,6 @@ impl Governor {
         }
         self.round = 0;
         self.converged = false;
-        self.converged_edp = None;
         self.edp_rise_streak = 0;
         self.recent.clear();
         self.short_ema = None;
@@ -755,7 +768,7 @@ impl Governor {
             }
             self.fallback_left = self.cfg.fallback_windows;
             d.phase = Phase::Fallback;
-            self.pending = x.map(|cx| (max_i, cx));
+            self.pending = x.map(|cx| (max_i, cx, *raw));
             return max_target;
         }
         let Some(x) = x else {
@@ -768,7 +781,7 @@ impl Governor {
         if self.fallback_left > 0 {
             self.fallback_left -= 1;
             d.phase = Phase::Fallback;
-            self.pending = Some((max_i, x));
+            self.pending = Some((max_i, x, *raw));
             return max_target;
         }
         if self.converged && self.workload_shifted(raw) {
@@ -783,16 +796,20 @@ impl Governor {
             .collect();
 
         let (pick, phase) = if !self.sweep_done {
-            // Descending sweep: the highest untried coarse clock.
-            match candidates.iter().rev().copied().find(|&i| self.arms[i].coarse && self.arms[i].stats.tries == 0) {
+            // Sweep: the first untried coarse clock in down-then-up order.
+            let coarse: Vec<u32> = self.arms.iter().filter(|a| a.coarse).map(Arm::mhz).collect();
+            let next = sweep_order(&coarse)
+                .into_iter()
+                .find_map(|m| candidates.iter().copied().find(|&i| self.arms[i].mhz() == m && self.arms[i].stats.tries == 0));
+            match next {
                 Some(i) => (i, Phase::Explore),
                 None => {
                     self.finish_sweep(0);
-                    self.ucb_pick(&candidates, &x)
+                    self.ucb_pick(&candidates, &x, raw)
                 }
             }
         } else {
-            self.ucb_pick(&candidates, &x)
+            self.ucb_pick(&candidates, &x, raw)
         };
         d.phase = phase;
         let mhz = self.arms[pick].mhz();
@@ -813,9 +830,6 @@ impl Governor {
                 if inside as f64 >= self.cfg.converge_share * sorted.len() as f64 {
                     self.converged = true;
                     self.converged_after.get_or_insert(self.decisions);
-                    if let Some(i) = self.arms.iter().position(|a| a.mhz() == median) {
-                        self.converged_edp = Some(self.arms[i].stats.edp_mean);
-                    }
                     info!(mhz = median, decisions = self.decisions, "governor converged");
                     // A converged coarse clock gets its fine neighbours once.
                     self.refine_around(median);
@@ -824,13 +838,13 @@ impl Governor {
         }
         let target = self.rate_limited(obs.applied, ClockTarget::Locked(mhz));
         if let Some(i) = self.arm_of(target) {
-            self.pending = Some((i, x));
+            self.pending = Some((i, x, *raw));
         }
         target
     }
 
     /// Tried-once-first for fine arms, then UCB (greedy with hysteresis once converged).
-    fn ucb_pick(&self, candidates: &[usize], x: &DVector<f64>) -> (usize, Phase) {
+    fn ucb_pick(&self, candidates: &[usize], x: &DVector<f64>, raw: &[f64; RAW]) -> (usize, Phase) {
         let reach = self.cfg.fine_arms_each_side * self.cfg.fine_step_mhz;
         let untried = self.refine_center.and_then(|c| {
             candidates
@@ -843,7 +857,9 @@ impl Governor {
             return (i, Phase::Explore);
         }
         let alpha = self.alpha();
-        let score = |i: usize| self.shared.predict(&self.shared_features(x, self.arms[i].mhz())) + self.arms[i].model.ucb(x, alpha);
+        // Optimism from both models: the shared curve's uncertainty at this clock and the
+        // arm's own.
+        let score = |i: usize| self.shared.ucb(&self.shared_features(raw, self.arms[i].mhz()), alpha) + self.arms[i].model.ucb(x, alpha);
         let mut pick = candidates.iter().copied().max_by(|&a, &b| score(a).total_cmp(&score(b))).unwrap_or(self.arms.len() - 1);
         if self.converged {
             if let Some(cur) = self.last_target.and_then(|t| self.arm_of(t)).filter(|c| candidates.contains(c)) {
@@ -857,18 +873,11 @@ impl Governor {
         }
     }
 
-    /// Features of the shared model: the context, then the clock's offset from the middle of
-    /// the explored range (scaled to about [-1, 1]) and its square.
-    fn shared_features(&self, x: &DVector<f64>, mhz: u32) -> DVector<f64> {
-        let max = f64::from(self.max_clock().unwrap_or(1).max(1));
-        let lo = self.cfg.min_share_of_max.clamp(0.0, 0.99);
-        let mid = (1.0 + lo) / 2.0;
-        let du = (f64::from(mhz) / max - mid) / ((1.0 - lo) / 2.0);
-        let mut v = DVector::zeros(SHARED_DIM);
-        v.rows_mut(0, DIM).copy_from(x);
-        v[DIM] = du;
-        v[DIM + 1] = du * du;
-        v
+    /// Features of the shared model (see [`pooled`]): raw load features and a curve in the
+    /// clock's offset within the explored range.
+    fn shared_features(&self, raw: &[f64; RAW], mhz: u32) -> DVector<f64> {
+        let max = self.max_clock().unwrap_or(1);
+        pooled::features(raw, pooled::clock_offset(mhz, self.floor_mhz(), max))
     }
 
     /// Holds the applied clock if the last change was too recent (raising to the maximum, the
@@ -882,6 +891,20 @@ impl Governor {
             _ => applied,
         }
     }
+}
+
+/// The coarse sweep's order: every other clock going down from the maximum, then the ones in
+/// between going back up. The load on a cold server ramps up during the sweep; going one way
+/// only would make the last clocks look better for the load alone, while down-then-up visits
+/// both ends of the range early and late, so the shared model can tell the ramp from the
+/// clock. It still starts at the safe maximum and moves in steps of two grid points.
+pub fn sweep_order(coarse: &[u32]) -> Vec<u32> {
+    let mut desc = coarse.to_vec();
+    desc.sort_unstable_by(|a, b| b.cmp(a));
+    desc.dedup();
+    let down = desc.iter().copied().step_by(2);
+    let up: Vec<u32> = desc.iter().copied().skip(1).step_by(2).collect();
+    down.chain(up.into_iter().rev()).collect()
 }
 
 #[cfg(test)]

