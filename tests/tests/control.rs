@@ -135,7 +135,7 @@ fn every_command_through_agentctl() {
     let o = ctl(s, &["model", "export", file.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     let exported: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).expect("export file")).expect("JSON");
-    assert_eq!(exported["schema_version"], 1);
+    assert_eq!(exported["schema_version"], gpu_agent::store::SCHEMA_VERSION);
     let o = ctl(s, &["model", "import", file.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     let o = ctl(s, &["model", "import", "/nonexistent/model.json"]);
@@ -146,7 +146,7 @@ fn every_command_through_agentctl() {
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     let to_stdout: serde_json::Value = serde_json::from_str(&text(&o).0).expect("export on stdout is JSON");
     assert_eq!(to_stdout["gpu_model"], exported["gpu_model"]);
-    std::fs::write(&file, "{\"schema_version\": 1, \"state\": 3}").expect("write");
+    std::fs::write(&file, format!("{{\"schema_version\": {}, \"state\": 3}}", gpu_agent::store::SCHEMA_VERSION)).expect("write");
     let o = ctl(s, &["model", "import", file.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("not a governor export"), "{:?}", text(&o));
