@@ -5,7 +5,9 @@
 //! 1. the window just measured is scored (EDP per token against a max-clock baseline, SLO
 //!    penalties) and learnt, in the context it was chosen in, by a reward model shared by all
 //!    clocks (load plus a curve in the clock, see [`pooled`]) and by the arm that was on the
-//!    GPU (what the shared model gets wrong for that clock);
+//!    GPU (what the shared model gets wrong for that clock); busier windows weigh more in the
+//!    shared model (their EDP is less noisy), and a load far above the one the sweep ran at
+//!    starts the sweep again;
 //! 2. an SLO violation jumps to the maximum clock at once (`Fallback`) and bans the violating
 //!    clock and those below it for a while;
 //! 3. otherwise the next clock is chosen: a sweep of a coarse grid, down from the maximum and
@@ -157,6 +159,9 @@ pub struct GovernorConfig {
     pub min_change_interval_s: f64,
     /// Relearn when short- and long-term workload features drift this far apart (z units).
     pub shift_threshold: f64,
+    /// Sweep again once converged when the load (slow average) exceeds this many times the
+    /// load the sweep ran at (0 = never): a sweep at night judged the clocks on noise.
+    pub resweep_load_factor: f64,
     /// Relearn when the exploited clock's EDP stays this much above what the models expect.
     pub relearn_edp_rise: f64,
     /// Share of each model kept when relearning.
@@ -190,6 +195,7 @@ impl Default for GovernorConfig {
             ban_decisions: 30,
             min_change_interval_s: 1.9,
             shift_threshold: 3.0,
+            resweep_load_factor: 2.0,
             relearn_edp_rise: 0.3,
             relearn_keep: 0.5,
             baseline_windows: 5,
@@ -313,6 +319,11 @@ pub struct Governor {
     last_target: Option<ClockTarget>,
     short_ema: Option<Vec<f64>>,
     long_ema: Option<Vec<f64>>,
+    /// Load (processed tokens per second) summed over the current sweep's windows, and their
+    /// count.
+    sweep_load: (f64, u32),
+    /// Slow moving average of the load, compared with the sweep's.
+    load_ema: Option<f64>,
 }
 
 impl std::fmt::Debug for Governor {
@@ -357,6 +368,8 @@ impl Governor {
             last_target: None,
             short_ema: None,
             long_ema: None,
+            sweep_load: (0.0, 0),
+            load_ema: None,
         };
         g.arms = g.coarse_arms();
         if let Some(s) = restored {
@@ -503,6 +516,8 @@ impl Governor {
         self.fallback_left = 0;
         self.short_ema = None;
         self.long_ema = None;
+        self.sweep_load = (0.0, 0);
+        self.load_ema = None;
     }
 
     /// Index of the arm the applied clock corresponds to. Driver-managed clocks run at the
@@ -587,7 +602,12 @@ impl Governor {
                 let phi = self.shared_features(&craw, self.arms[a].mhz());
                 let base = self.shared.predict(&phi);
                 let surprise = r - base - self.arms[a].model.predict(&cx);
-                self.shared.update(&phi, r);
+                let rate = (outcome.tokens + outcome.prompt_tokens) / obs.seconds.max(1e-9);
+                // A load far above the sweep's restarts the sweep before this window counts.
+                self.track_load(rate);
+                // Least-squares weight w: features and reward scaled by its square root.
+                let w = load_weight(rate).sqrt();
+                self.shared.update(&(&phi * w), r * w);
                 self.arms[a].model.update(&cx, r - base);
                 self.arms[a].stats.record(r, Some(e / b));
                 d.reward = Some(r);
@@ -731,6 +751,34 @@ impl Governor {
         self.recent.clear();
         self.short_ema = None;
         self.long_ema = None;
+    }
+
+    /// Follows the load; once converged, a load far above the one the sweep ran at starts the
+    /// sweep again (with the coarse clocks' statistics cleared, as those were judged on the
+    /// sweep's load; the models keep what a relearn keeps, and the busier windows outweigh
+    /// the old ones, see [`load_weight`]).
+    fn track_load(&mut self, rate: f64) {
+        if !rate.is_finite() {
+            return;
+        }
+        let ema = self.load_ema.map_or(rate, |m| m + 0.03 * (rate - m));
+        self.load_ema = Some(ema);
+        if !self.sweep_done {
+            self.sweep_load.0 += rate;
+            self.sweep_load.1 += 1;
+            return;
+        }
+        let swept = self.sweep_load.0 / f64::from(self.sweep_load.1.max(1));
+        let factor = self.cfg.resweep_load_factor;
+        if self.converged && factor > 0.0 && swept > 0.0 && ema > factor * swept {
+            info!(swept, now = ema, "load far above the sweep's; sweeping again");
+            self.relearn("load far above the sweep's");
+            self.sweep_done = false;
+            self.sweep_load = (0.0, 0);
+            for a in self.arms.iter_mut().filter(|a| a.coarse) {
+                a.stats = ArmStats::new(a.mhz());
+            }
+        }
     }
 
     /// Short- versus long-term mean of the workload features, in z units of the normaliser.
@@ -891,6 +939,18 @@ impl Governor {
             _ => applied,
         }
     }
+}
+
+/// Weight of a window in the shared model (its least-squares weight) from its load in
+/// processed tokens per second: a window's EDP per token is a ratio of Poisson counts, so its
+/// noise falls as its load rises, and a night-time window at 0.5 requests per second must
+/// not outvote a busy one. The square root of the load in thousands of tokens per second,
+/// within [0.14, 3.2]: the full load would let the busiest windows drown the sweep's.
+pub fn load_weight(tokens_per_s: f64) -> f64 {
+    if !tokens_per_s.is_finite() {
+        return 1.0;
+    }
+    (tokens_per_s / 1000.0).clamp(0.02, 10.0).sqrt()
 }
 
 /// The coarse sweep's order: every other clock going down from the maximum, then the ones in

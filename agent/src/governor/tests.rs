@@ -291,3 +291,45 @@ fn decide_timing() {
     println!("decide(): mean {mean:.2} us, p50 {:.2} us, p99 {:.2} us, max {:.2} us", times[1000], times[1980], times[1999]);
     assert!(mean < 50.0);
 }
+
+#[test]
+fn busier_windows_weigh_more_within_bounds() {
+    assert!(load_weight(4000.0) > load_weight(1000.0));
+    assert!((load_weight(4000.0) / load_weight(1000.0) - 2.0).abs() < 1e-12, "square root of the load");
+    assert_eq!(load_weight(0.0), load_weight(1.0), "a trickle keeps a floor weight");
+    assert_eq!(load_weight(1e9), load_weight(1e7), "a flood is capped");
+    assert_eq!(load_weight(f64::NAN), 1.0);
+}
+
+/// Runs 120 windows at 500 tokens/s (a night), then 200 at 4000 (the day); returns the clocks
+/// chosen during the day.
+fn night_then_day(cfg: GovernorConfig) -> (Governor, Vec<Decision>) {
+    let mut g = Governor::new(cfg, &h100_clocks(), None);
+    let mut env = Synthetic::new(3);
+    env.tokens_per_s = 500.0;
+    run(&mut g, &mut env, 120);
+    assert!(g.converged_after().is_some(), "converged at night");
+    env.tokens_per_s = 4000.0;
+    let day = run(&mut g, &mut env, 200);
+    (g, day)
+}
+
+#[test]
+fn sweeps_again_when_the_load_far_exceeds_the_sweeps() {
+    let cfg = GovernorConfig { mode: Mode::Edp, ..GovernorConfig::default() };
+    let g0 = Governor::new(cfg.clone(), &h100_clocks(), None);
+    let coarse = g0.arms_mhz();
+    let coarse_visited = |day: &[Decision]| coarse.iter().filter(|m| day.iter().any(|d| locked(d.target) == **m)).count();
+    let (_, day) = night_then_day(cfg.clone());
+    assert!(day.iter().any(|d| !d.converged), "the day's load restarted learning");
+    // Swept again (the lowest clocks break the TPOT objective, which ends a sweep early).
+    let on = coarse_visited(&day);
+    assert!(on >= coarse.len() / 2, "swept again: {on} of {} coarse clocks", coarse.len());
+    assert!(day[150..].iter().all(|d| d.converged), "and converges again");
+
+    let off = GovernorConfig { resweep_load_factor: 0.0, ..cfg };
+    let (_, day) = night_then_day(off);
+    assert!(day[150..].iter().all(|d| d.converged));
+    let off = coarse_visited(&day);
+    assert!(off + 3 <= on, "no new sweep when turned off: {off} coarse clocks, {on} with it");
+}
