@@ -93,7 +93,7 @@ enum OpenProblem {
 /// Opens sled without letting a panic inside it (seen on some corrupt files) escape.
 fn try_open(path: &Path) -> Result<sled::Db, OpenProblem> {
     let p = path.to_owned();
-    match std::panic::catch_unwind(move || sled::open(&p)) {
+    match std::panic::catch_unwind(move || open_sled(&p)) {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => {
             let msg = e.to_string();
@@ -106,6 +106,22 @@ fn try_open(path: &Path) -> Result<sled::Db, OpenProblem> {
             })
         }
         Err(_) => Err(OpenProblem::Broken("sled panicked while opening".into())),
+    }
+}
+
+/// `sled::open`, waiting up to 2 s while the file lock is held: after a `Db` is dropped (a
+/// restart in the same process, a store reopened after a failed save) sled's flusher thread
+/// still holds the lock until its next tick, so an immediate reopen would find it locked.
+pub fn open_sled(path: &Path) -> sled::Result<sled::Db> {
+    let mut tries = 0;
+    loop {
+        match sled::open(path) {
+            Err(e) if tries < 20 && is_lock_error(&e.to_string()) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
     }
 }
 

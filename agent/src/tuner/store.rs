@@ -61,7 +61,7 @@ impl Store {
     pub fn open(dir: &Path, meta: &StudyMeta) -> Result<Store, StoreError> {
         let path = dir.join("study.sled");
         let p = path.display().to_string();
-        let db = sled::open(&path).map_err(|source| StoreError::Sled { path: p.clone(), source })?;
+        let db = crate::store::open_sled(&path).map_err(|source| StoreError::Sled { path: p.clone(), source })?;
         let s = Store { db, path: p.clone() };
         match s.get::<u32>("schema")? {
             Some(found) if found != STUDY_SCHEMA => return Err(StoreError::Schema { path: p, found }),
