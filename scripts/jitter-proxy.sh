@@ -12,12 +12,7 @@ DURATION=${DURATION:-60}; THREADS=${THREADS:-2}; CONNS=${CONNS:-32}; WRK=${WRK:-
 TRACE=${TRACE:-config/traces/decode-heavy.csv}
 dir=$(mktemp -d /tmp/gpu-agent-jitter.XXXXXX)
 pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$dir"
-}
-trap cleanup EXIT INT TERM
+trap stop_pids_and_remove_dir EXIT INT TERM
 vport=$(free_port); pport=$(free_port); aport=$(free_port)
 limit=$((DURATION + 60))
 

@@ -57,3 +57,11 @@ wrk_paced() {
         wrk -t"$threads" -c"$conns" -d"${dur}s" --latency "$url"
     fi
 }
+
+# stop_pids_and_remove_dir: the EXIT trap of scripts that start several processes: kills and
+# reaps every pid in the caller's `pids` array, then removes the caller's temp `dir`.
+stop_pids_and_remove_dir() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$dir"
+}

@@ -11,12 +11,7 @@ cd "$(dirname "$0")/.."
 WINDOW=${WINDOW:-60}; WARMUP=${WARMUP:-10}
 dir=$(mktemp -d /tmp/gpu-agent-res.XXXXXX)
 pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$dir"
-}
-trap cleanup EXIT INT TERM
+trap stop_pids_and_remove_dir EXIT INT TERM
 limit=$((WINDOW + WARMUP + 60))
 
 # measure NAME PORT TPID: procfs figures of the agent (under /usr/bin/time), then stop it.
