@@ -172,14 +172,16 @@ fn main() -> ExitCode {
         return watch(&mut client, *interval, *count, cli.json);
     }
     let follow = matches!(&cli.command, Command::Tune { cmd: TuneArg::Start { wait: true, .. } | TuneArg::Status { follow: true } });
+    // `model export FILE`: agentctl writes the file, as the calling user.
+    let export_file = match &cli.command {
+        Command::Model { cmd: ModelArg::Export { file: Some(file) } } => Some(file.as_path()),
+        _ => None,
+    };
     match client.call(&request) {
         Ok(resp @ Response::Tune(TuneReply::Progress(_))) if follow => follow_study(&mut client, &resp, cli.json),
-        Ok(Response::ModelState(state)) => match &cli.command {
-            Command::Model { cmd: ModelArg::Export { file: Some(file) } } => save_model(file, &state, cli.json),
-            _ => {
-                println!("{state}");
-                ExitCode::SUCCESS
-            }
+        Ok(Response::ModelState(state)) => match export_file {
+            Some(file) => save_model(file, &state, cli.json),
+            None => show(&Response::ModelState(state), cli.json),
         },
         Ok(resp) => show(&resp, cli.json),
         Err(e) => fail(&e),
@@ -272,10 +274,20 @@ fn fail(e: &ClientError) -> ExitCode {
     }
 }
 
+/// Prints a report as pretty JSON for scripts, or as its readable table.
+fn json_or_table<T: serde::Serialize>(report: &T, json: bool, table: fn(&T) -> String) -> ExitCode {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report).unwrap_or_default());
+    } else {
+        print!("{}", table(report));
+    }
+    ExitCode::SUCCESS
+}
+
 fn show(resp: &Response, json: bool) -> ExitCode {
     match resp {
-        Response::ModelState(state) => {
-            println!("{state}");
+        Response::ModelState(text) | Response::Tune(TuneReply::Results(text)) => {
+            println!("{text}");
             ExitCode::SUCCESS
         }
         Response::Ok(msg) => {
@@ -286,34 +298,9 @@ fn show(resp: &Response, json: bool) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Response::Status(s) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
-            } else {
-                print!("{}", table(s));
-            }
-            ExitCode::SUCCESS
-        }
-        Response::Tune(TuneReply::Progress(p)) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(p).unwrap_or_default());
-            } else {
-                print!("{}", tune_table(p));
-            }
-            ExitCode::SUCCESS
-        }
-        Response::Tune(TuneReply::Results(text)) => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Response::Advice(a) => {
-            if json {
-                println!("{}", serde_json::to_string_pretty(a).unwrap_or_default());
-            } else {
-                print!("{}", advice_table(a));
-            }
-            ExitCode::SUCCESS
-        }
+        Response::Status(s) => json_or_table(s.as_ref(), json, table),
+        Response::Tune(TuneReply::Progress(p)) => json_or_table(p.as_ref(), json, tune_table),
+        Response::Advice(a) => json_or_table(a.as_ref(), json, advice_table),
         Response::Error { kind, message } => {
             if json {
                 println!("{}", serde_json::json!({ "ok": false, "error": format!("{kind:?}"), "message": message }));
