@@ -6,7 +6,7 @@
 //! was learnt costs a few minutes of exploration, a crash-looping sidecar costs far more.
 //! An entry that no longer decodes is dropped the same way (with a warning).
 //!
-//! Export/import use JSON (`{"schema_version": 2, "gpu_model": .., "vllm_model": .., "state": ..}`)
+//! Export/import use JSON (`{"schema_version": 3, "gpu_model": .., "vllm_model": .., "state": ..}`)
 //! so a model can be inspected, diffed and carried between machines.
 
 use std::path::{Path, PathBuf};
@@ -19,7 +19,9 @@ use crate::governor::GovernorState;
 
 /// Version of the stored layout; bump it whenever `GovernorState` changes shape.
 /// 2: the shared reward model lost two features (11 -> 9); version-1 states do not fit it.
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: rewards are learnt from power x TPOT and the shared model gained load curvature
+/// (9 -> 12 features); version-2 models mean something else.
+pub const SCHEMA_VERSION: u32 = 3;
 
 const VERSION_KEY: &[u8] = b"__schema_version";
 

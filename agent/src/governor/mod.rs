@@ -159,9 +159,15 @@ pub struct GovernorConfig {
     pub min_change_interval_s: f64,
     /// Relearn when short- and long-term workload features drift this far apart (z units).
     pub shift_threshold: f64,
-    /// Sweep again once converged when the load (slow average) exceeds this many times the
-    /// load the sweep ran at (0 = never): a sweep at night judged the clocks on noise.
+    /// Sweep again once converged when the load (slow average) rises above this many times
+    /// the load the sweep ran at, or falls below it by the same factor (0 = never): clocks
+    /// judged at night were judged on noise, and a model fitted at the peak extrapolates
+    /// badly to a trickle.
     pub resweep_load_factor: f64,
+    /// A later sweep covers the coarse clocks within this many MHz of the best one (0 = all):
+    /// the best clock moves by a step or two with the load, and the far ends of the range
+    /// were measured once already.
+    pub resweep_span_mhz: u32,
     /// Relearn when the exploited clock's EDP stays this much above what the models expect.
     pub relearn_edp_rise: f64,
     /// Share of each model kept when relearning.
@@ -196,6 +202,7 @@ impl Default for GovernorConfig {
             min_change_interval_s: 1.9,
             shift_threshold: 3.0,
             resweep_load_factor: 2.0,
+            resweep_span_mhz: 300,
             relearn_edp_rise: 0.3,
             relearn_keep: 0.5,
             baseline_windows: 5,
@@ -265,8 +272,8 @@ pub struct GovernorState {
     pub sweep_done: bool,
 }
 
-/// The choice whose window is being measured: arm, normalised context, raw features.
-type Pending = (usize, DVector<f64>, [f64; RAW]);
+/// The choice whose window is being measured: arm and the normalised context it was made in.
+type Pending = (usize, DVector<f64>);
 
 #[derive(Debug, Clone)]
 struct Arm {
@@ -299,7 +306,7 @@ pub struct Governor {
     ctx: ContextBuilder,
     baseline_edp: Option<f64>,
     baseline_samples: Vec<f64>,
-    /// Arm, context and raw features of the choice whose window is being measured.
+    /// Arm and context of the choice whose window is being measured.
     pending: Option<Pending>,
     /// Raw features of the last busy window: the context model-based judgements are made in.
     last_raw: Option<[f64; RAW]>,
@@ -547,8 +554,8 @@ impl Governor {
         self.since_change_s += obs.seconds.max(0.0);
         let outcome = Outcome::from_window(obs.window, obs.energy_j, obs.seconds);
         let edp = outcome.edp_per_token();
-        // Learnt from: see [`Outcome::edp_per_processed_token`].
-        let edp_learn = outcome.edp_per_processed_token();
+        // Learnt from: see [`Outcome::power_delay`].
+        let edp_learn = outcome.power_delay();
         let slo = outcome.slo_check(&self.cfg.slo);
         let slo_violated = slo.violated();
         let raw = context::raw_features(obs.window);
@@ -594,12 +601,13 @@ impl Governor {
             // The context the clock was chosen in; observing mode has no choice, so it uses
             // the window's own features.
             let learn = match (&pending, applied_arm) {
-                (Some((i, cx, craw)), Some(a)) if *i == a => Some((a, cx.clone(), *craw)),
-                (_, Some(a)) if self.cfg.mode == Mode::Observe => x.clone().map(|cx| (a, cx, raw)),
+                (Some((i, cx)), Some(a)) if *i == a => Some((a, cx.clone())),
+                (_, Some(a)) if self.cfg.mode == Mode::Observe => x.clone().map(|cx| (a, cx)),
                 _ => None,
             };
-            if let Some((a, cx, craw)) = learn {
-                let phi = self.shared_features(&craw, self.arms[a].mhz());
+            if let Some((a, cx)) = learn {
+                // The shared model explains the reward by the load the window actually had.
+                let phi = self.shared_features(&raw, self.arms[a].mhz());
                 let base = self.shared.predict(&phi);
                 let surprise = r - base - self.arms[a].model.predict(&cx);
                 let rate = (outcome.tokens + outcome.prompt_tokens) / obs.seconds.max(1e-9);
@@ -753,10 +761,10 @@ impl Governor {
         self.long_ema = None;
     }
 
-    /// Follows the load; once converged, a load far above the one the sweep ran at starts the
-    /// sweep again (with the coarse clocks' statistics cleared, as those were judged on the
-    /// sweep's load; the models keep what a relearn keeps, and the busier windows outweigh
-    /// the old ones, see [`load_weight`]).
+    /// Follows the load; once converged, a load far above or below the one the sweep ran at
+    /// starts the sweep again around the best clock (with those coarse clocks' statistics
+    /// cleared, as they were judged on the sweep's load; the models keep what a relearn keeps,
+    /// and the busier windows outweigh the old ones, see [`load_weight`]).
     fn track_load(&mut self, rate: f64) {
         if !rate.is_finite() {
             return;
@@ -770,13 +778,20 @@ impl Governor {
         }
         let swept = self.sweep_load.0 / f64::from(self.sweep_load.1.max(1));
         let factor = self.cfg.resweep_load_factor;
-        if self.converged && factor > 0.0 && swept > 0.0 && ema > factor * swept {
-            info!(swept, now = ema, "load far above the sweep's; sweeping again");
-            self.relearn("load far above the sweep's");
+        if self.converged && factor > 0.0 && swept > 0.0 && (ema > factor * swept || ema * factor < swept) {
+            info!(swept, now = ema, "load far from the sweep's; sweeping again");
+            self.relearn("load far from the sweep's");
             self.sweep_done = false;
             self.sweep_load = (0.0, 0);
+            let center = self.best_tried().or(match self.last_target {
+                Some(ClockTarget::Locked(m)) => Some(m),
+                _ => None,
+            });
+            let span = self.cfg.resweep_span_mhz;
             for a in self.arms.iter_mut().filter(|a| a.coarse) {
-                a.stats = ArmStats::new(a.mhz());
+                if span == 0 || center.is_none_or(|c| a.mhz().abs_diff(c) <= span) {
+                    a.stats = ArmStats::new(a.mhz());
+                }
             }
         }
     }
@@ -816,7 +831,7 @@ impl Governor {
             }
             self.fallback_left = self.cfg.fallback_windows;
             d.phase = Phase::Fallback;
-            self.pending = x.map(|cx| (max_i, cx, *raw));
+            self.pending = x.map(|cx| (max_i, cx));
             return max_target;
         }
         let Some(x) = x else {
@@ -829,7 +844,7 @@ impl Governor {
         if self.fallback_left > 0 {
             self.fallback_left -= 1;
             d.phase = Phase::Fallback;
-            self.pending = Some((max_i, x, *raw));
+            self.pending = Some((max_i, x));
             return max_target;
         }
         if self.converged && self.workload_shifted(raw) {
@@ -862,8 +877,9 @@ impl Governor {
         d.phase = phase;
         let mhz = self.arms[pick].mhz();
 
-        // Convergence: the recent choices stay within a narrow band of clocks after the sweep
-        // (neighbours 15-30 MHz apart are equivalent within the noise of a 1 s window).
+        // Convergence: the recent choices stay within one coarse step of their median after the
+        // sweep (clocks 90 MHz apart near the best differ by about 1% in EDP, less than a few
+        // 1 s windows can tell apart).
         if self.sweep_done {
             self.recent.push_back(mhz);
             while self.recent.len() > self.cfg.converge_window.max(1) {
@@ -873,7 +889,7 @@ impl Governor {
                 let mut sorted: Vec<u32> = self.recent.iter().copied().collect();
                 sorted.sort_unstable();
                 let median = sorted[sorted.len() / 2];
-                let band = 2 * self.cfg.fine_step_mhz;
+                let band = self.cfg.coarse_step_mhz;
                 let inside = sorted.iter().filter(|m| m.abs_diff(median) <= band).count();
                 if inside as f64 >= self.cfg.converge_share * sorted.len() as f64 {
                     self.converged = true;
@@ -886,7 +902,7 @@ impl Governor {
         }
         let target = self.rate_limited(obs.applied, ClockTarget::Locked(mhz));
         if let Some(i) = self.arm_of(target) {
-            self.pending = Some((i, x, *raw));
+            self.pending = Some((i, x));
         }
         target
     }

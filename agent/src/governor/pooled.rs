@@ -7,7 +7,11 @@
 //! together, over every window of every arm, so the clock's effect is estimated with the load
 //! held fixed; two clocks compared in the same context differ only by the clock terms.
 //!
-//! The load features are the raw (log-compressed) window features, not the online z-scores:
+//! The load is that of the window being learnt from (what explains its reward), as logs of
+//! the token rates, their squares and product, and the prefill share: EDP falls with the load
+//! along a curve (idle power spread over more tokens), and a line through it leaves a misfit
+//! larger than the clock's own effect, which a load ramp during a sweep would then pass to the
+//! clock terms. The load features are the raw (log-compressed) window features, not the online z-scores:
 //! a z-score's meaning drifts with the normaliser, which would corrupt a model that
 //! accumulates every window. The curve is a cubic in the clock; its first two terms also vary
 //! with the prefill share and the batch size, because compute-bound prefill wants a higher
@@ -29,8 +33,10 @@ const PREFILL_SHARE: usize = 7;
 
 /// Clock terms: u, u², u³, and u, u² times the prefill share.
 pub const CLOCK_TERMS: usize = 5;
-/// Dimension of the shared model: load features, bias, clock terms.
-pub const SHARED_DIM: usize = LOAD.len() + 1 + CLOCK_TERMS;
+/// Load curvature: squares and product of the two log token rates.
+pub const LOAD_CURVE: usize = 3;
+/// Dimension of the shared model: load features, bias, clock terms, load curvature.
+pub const SHARED_DIM: usize = LOAD.len() + 1 + CLOCK_TERMS + LOAD_CURVE;
 
 /// The clock as an offset in [-1, 1] over the explored range `[lo, hi]` MHz.
 pub fn clock_offset(mhz: u32, lo: u32, hi: u32) -> f64 {
@@ -53,6 +59,12 @@ pub fn features(raw: &[f64; RAW], u: f64) -> DVector<f64> {
     v[c + 3] = u * u * u;
     v[c + 4] = u * share;
     v[c + 5] = u * u * share;
+    // Logs of token rates reach ~10: scaled so the squares stay of the same order.
+    let (p, g) = (finite(LOAD[0]), finite(LOAD[1]));
+    let k = c + 1 + CLOCK_TERMS;
+    v[k] = p * p / 10.0;
+    v[k + 1] = g * g / 10.0;
+    v[k + 2] = p * g / 10.0;
     v
 }
 
@@ -76,14 +88,16 @@ mod tests {
         let d = &a - &b;
         let c = LOAD.len() + 1;
         assert!(d.rows(0, c).iter().all(|x| *x == 0.0));
+        assert!(d.rows(c + CLOCK_TERMS, LOAD_CURVE).iter().all(|x| *x == 0.0), "load curvature");
         assert!(d.rows(c, CLOCK_TERMS).iter().any(|x| *x != 0.0));
         assert_eq!(a[c - 1], 1.0, "bias");
         assert_eq!(a[1], 7.0, "generated tokens");
         assert!((a[c + 3] - (-0.5 * (0.3 - 0.5))).abs() < 1e-12, "u x prefill share");
     }
 
-    /// A reward that depends on the load and on the clock separately is recovered exactly,
-    /// including the clock curve, even though load and clock were correlated in the data.
+    /// A reward that depends on the load (along a curve) and on the clock separately is
+    /// recovered exactly, including the clock curve, even though load and clock were
+    /// correlated in the data.
     #[test]
     fn separates_load_from_clock_when_they_are_confounded() {
         let mut m = super::super::linucb::LinUcb::new(SHARED_DIM, 1e-6);
@@ -93,7 +107,7 @@ mod tests {
             // The load ramps up while the clocks are visited: confounded.
             let load = 5.0 + (i as f64 / 100.0) + 0.3 * u;
             let raw = [0.0, 2.0 + 0.1 * (i % 7) as f64, 0.1, 4.0, load, 3.0, 0.0, 0.2];
-            let y = -0.8 * load + curve(u);
+            let y = -0.8 * load + 0.05 * load * load + curve(u);
             m.update(&features(&raw, u), y);
         }
         let raw = [0.0, 2.5, 0.1, 4.0, 6.0, 3.0, 0.0, 0.2];

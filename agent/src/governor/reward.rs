@@ -1,8 +1,9 @@
-//! Reward of one window: energy-delay product per generated token, normalised against a
-//! baseline measured at the maximum clock, with penalties for breaking the TTFT or TPOT SLO.
+//! Reward of one window: energy-delay product, normalised against a baseline measured at the
+//! maximum clock, with penalties for breaking the TTFT or TPOT SLO.
 //!
-//! EDP per token = (window energy / generated tokens) x mean TPOT. The reward is
-//! `-ln(EDP / baseline)`: 0 at the baseline, +0.2 for an EDP 18% lower, symmetric in ratios,
+//! EDP per token = (window energy / generated tokens) x mean TPOT; the governor learns from
+//! the window's power x TPOT, which ranks clocks alike under the same load with far less noise
+//! (see [`Outcome::power_delay`]). The reward is `-ln(EDP / baseline)`: 0 at the baseline, +0.2 for an EDP 18% lower, symmetric in ratios,
 //! so a linear model can add context effects to it. Windows without generated tokens or
 //! without a TPOT have no reward (nothing to learn about energy per token).
 
@@ -45,13 +46,17 @@ impl Outcome {
         edp_per_token(self.energy_j, self.tokens, self.tpot_s?)
     }
 
-    /// Joules per processed token (prompt and generated) x mean TPOT: what the governor learns
-    /// from. Over a workload the prompt tokens per generated token are set by the clients, so
-    /// both measures rank clocks alike, but a 1 s window of long prompts and short answers
-    /// holds a handful of prefills: its energy per generated token swings tenfold with how
-    /// many prompts happened to arrive, its energy per processed token does not.
-    pub fn edp_per_processed_token(&self) -> Option<f64> {
-        edp_per_token(self.energy_j, self.tokens + self.prompt_tokens, self.tpot_s?)
+    /// Mean power x mean TPOT (W*s): what the governor learns from. EDP per token is
+    /// `power / token rate x TPOT`, and on a server that keeps up the token rate over a window
+    /// is what the clients sent, whatever the clock: dividing by the window's own token count
+    /// only adds its Poisson noise (at a fixed clock on a steady decode load the log of EDP per
+    /// token spreads 0.20 from window to window, this 0.04). The load enters the reward model
+    /// as features instead, and a clock too slow to keep up shows in TTFT (the SLO checks).
+    /// None for a window that served nothing.
+    pub fn power_delay(&self) -> Option<f64> {
+        let served = self.tokens + self.prompt_tokens > 0.0;
+        let v = self.energy_j / self.seconds * self.tpot_s?;
+        (served && self.seconds > 0.0 && v.is_finite() && v > 0.0).then_some(v)
     }
 
     pub fn slo_check(&self, slo: &Slo) -> SloCheck {
@@ -163,7 +168,9 @@ mod tests {
     fn edp_per_token_is_energy_per_token_times_tpot() {
         let o = Outcome { tokens: 1000.0, prompt_tokens: 2000.0, energy_j: 300.0, seconds: 1.0, ttft_s: Some(0.1), tpot_s: Some(0.02) };
         assert!((o.edp_per_token().expect("defined") - 0.3 * 0.02).abs() < 1e-15);
-        assert!((o.edp_per_processed_token().expect("defined") - 0.1 * 0.02).abs() < 1e-15);
+        assert!((o.power_delay().expect("defined") - 300.0 * 0.02).abs() < 1e-12);
+        assert_eq!(Outcome { tokens: 0.0, prompt_tokens: 0.0, ..o }.power_delay(), None, "nothing served");
+        assert_eq!(Outcome { seconds: 0.0, ..o }.power_delay(), None);
         assert_eq!(edp_per_token(300.0, 0.0, 0.02), None);
         assert_eq!(Outcome { tpot_s: None, ..o }.edp_per_token(), None);
     }
