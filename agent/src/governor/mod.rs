@@ -178,6 +178,10 @@ pub struct GovernorConfig {
     /// Horizon (windows) of the feature normaliser.
     pub normaliser_horizon: f64,
     pub prune: PruneRules,
+    /// The governor's historical rule: a tried clock the models expect to be this much worse
+    /// (log EDP) than the best in the current context is dropped (see
+    /// [`prune::prune_by_expectation`]).
+    pub prune_gap: f64,
     pub reward: RewardShape,
 }
 
@@ -211,11 +215,12 @@ impl Default for GovernorConfig {
                 extreme_rounds: 60,
                 extreme_min_tries: 2,
                 extreme_reward: -1.0,
-                historical_sd: 3.0,
+                historical_sd: None,
                 historical_min_tries: 3,
                 historical_sd_floor: 0.05,
                 cascade_below: 0.5,
             },
+            prune_gap: 0.15,
             reward: RewardShape::default(),
         }
     }
@@ -664,6 +669,22 @@ impl Governor {
             self.round,
             &protect,
         );
+        // The historical rule on what the models expect in the last busy window's context.
+        let expected: Vec<f64> = match self.last_raw {
+            Some(raw) => {
+                let cx = self.ctx.context_of(&raw);
+                (0..self.arms.len()).map(|i| self.expected(i, &cx, &raw)).collect()
+            }
+            None => Vec::new(),
+        };
+        let mut stats: Vec<ArmStats> = self.arms.iter().map(|x| x.stats.clone()).collect();
+        let pruned = pruned.into_iter().chain(prune::prune_by_expectation(
+            &mut stats,
+            &expected,
+            self.cfg.prune_gap,
+            self.cfg.prune.historical_min_tries,
+            &protect,
+        ));
         for (mhz, why) in pruned {
             if let Some(arm) = self.arms.iter_mut().find(|x| x.mhz() == mhz) {
                 debug!(mhz, ?why, "pruned clock");

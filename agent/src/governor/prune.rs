@@ -1,7 +1,8 @@
 //! Per-arm statistics and the rules that drop hopeless clocks, so exploration stops paying
 //! for arms that cannot win. The same code serves the AGFT baseline (its extreme, historical
 //! and cascade rules with its constants) and our governor (gentler constants, never the safe
-//! maximum, and a cascade only through clocks that already lost).
+//! maximum, a cascade only through clocks that already lost, and the historical rule on what
+//! the reward models expect rather than on raw means, see [`prune_by_expectation`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -71,8 +72,9 @@ pub struct PruneRules {
     pub extreme_min_tries: u64,
     /// ... an arm whose mean reward is at or below this is dropped.
     pub extreme_reward: f64,
-    /// "Historical": mean EDP above best mean + `historical_sd` standard deviations ...
-    pub historical_sd: f64,
+    /// "Historical": mean EDP above best mean + `historical_sd` standard deviations (None:
+    /// rule off) ...
+    pub historical_sd: Option<f64>,
     /// ... with both arms tried at least this often ...
     pub historical_min_tries: u64,
     /// ... where the standard deviation is at least this share of the best mean (0 = none).
@@ -88,7 +90,7 @@ impl PruneRules {
             extreme_rounds: 60,
             extreme_min_tries: 3,
             extreme_reward: -1.2,
-            historical_sd: 4.0,
+            historical_sd: Some(4.0),
             historical_min_tries: 3,
             historical_sd_floor: 0.0,
             cascade_below: 0.5,
@@ -109,9 +111,9 @@ pub fn prune(arms: &mut [ArmStats], rules: &PruneRules, round: u64, protect: &[u
         let extreme = round <= rules.extreme_rounds
             && a.tries >= rules.extreme_min_tries
             && a.mean_reward().is_some_and(|r| r <= rules.extreme_reward);
-        let historical = best.is_some_and(|(mhz, mean, sd)| {
+        let historical = best.zip(rules.historical_sd).is_some_and(|((mhz, mean, sd), k)| {
             let sd = sd.max(rules.historical_sd_floor * mean);
-            mhz != a.mhz && a.edp_n >= rules.historical_min_tries && a.edp_mean > mean + rules.historical_sd * sd
+            mhz != a.mhz && a.edp_n >= rules.historical_min_tries && a.edp_mean > mean + k * sd
         });
         let reason = if extreme {
             Some(PruneReason::Extreme)
@@ -131,6 +133,27 @@ pub fn prune(arms: &mut [ArmStats], rules: &PruneRules, round: u64, protect: &[u
         for a in arms.iter_mut().filter(|a| a.active() && a.mhz < cut && !protect.contains(&a.mhz)) {
             a.pruned = Some(PruneReason::Cascade);
             out.push((a.mhz, PruneReason::Cascade));
+        }
+    }
+    out
+}
+
+/// The governor's historical rule: clocks compared by the reward the models expect of each in
+/// one context (`expected`, one per arm). A clock's raw mean EDP mixes whatever loads it
+/// happened to meet, so the raw rule drops the clock that served the daily peak for the one
+/// tried at night; the models hold the load fixed. An arm tried at least `min_tries` times
+/// whose expected reward trails the best tried arm's by more than `gap` (log EDP: 0.15 is 16%
+/// worse) is dropped.
+pub fn prune_by_expectation(arms: &mut [ArmStats], expected: &[f64], gap: f64, min_tries: u64, protect: &[u32]) -> Vec<(u32, PruneReason)> {
+    let tried = |a: &ArmStats| a.active() && a.tries >= min_tries;
+    let Some(best) = arms.iter().zip(expected).filter(|(a, e)| tried(a) && e.is_finite()).map(|(_, e)| *e).max_by(f64::total_cmp) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (a, e) in arms.iter_mut().zip(expected) {
+        if tried(a) && !protect.contains(&a.mhz) && *e < best - gap {
+            a.pruned = Some(PruneReason::Historical);
+            out.push((a.mhz, PruneReason::Historical));
         }
     }
     out
@@ -190,6 +213,27 @@ mod tests {
         // Protected arms survive anything.
         arms[2].pruned = None;
         assert!(prune(&mut arms, &rules, 100, &[1980]).is_empty());
+    }
+
+    #[test]
+    fn historical_rule_can_be_off() {
+        let rules = PruneRules { historical_sd: None, ..PruneRules::agft() };
+        let mut arms = vec![arm(1200, &[0.0; 4], &[1.0; 4]), arm(1980, &[0.0; 3], &[1.5, 1.6, 1.55])];
+        assert!(prune(&mut arms, &rules, 100, &[]).is_empty());
+    }
+
+    #[test]
+    fn expectation_rule_drops_clear_losers_among_tried_arms() {
+        let mut arms = vec![arm(900, &[0.0; 3], &[]), arm(1200, &[0.0; 3], &[]), arm(1500, &[0.0; 3], &[]), arm(1980, &[0.0; 1], &[])];
+        let expected = [-0.30, 0.0, -0.10, -0.50];
+        let got = prune_by_expectation(&mut arms, &expected, 0.15, 3, &[]);
+        assert_eq!(got, vec![(900, PruneReason::Historical)], "1500 is within the gap, 1980 untried enough");
+        assert!(arms[2].active() && arms[3].active());
+        // Protected arms survive; no tried arm, nothing to compare with.
+        let mut arms = vec![arm(900, &[0.0; 3], &[]), arm(1200, &[0.0; 3], &[])];
+        assert!(prune_by_expectation(&mut arms, &[-1.0, 0.0], 0.15, 3, &[900]).is_empty());
+        let mut fresh = vec![ArmStats::new(900), ArmStats::new(1200)];
+        assert!(prune_by_expectation(&mut fresh, &[-1.0, 0.0], 0.15, 3, &[]).is_empty());
     }
 
     #[test]
