@@ -328,6 +328,8 @@ pub struct Governor {
     edp_rise_streak: u32,
     fallback_left: u32,
     since_change_s: f64,
+    /// The clock was parked for an idle window.
+    parked: bool,
     last_target: Option<ClockTarget>,
     short_ema: Option<Vec<f64>>,
     long_ema: Option<Vec<f64>>,
@@ -377,6 +379,7 @@ impl Governor {
             edp_rise_streak: 0,
             fallback_left: 0,
             since_change_s: f64::INFINITY,
+            parked: false,
             last_target: None,
             short_ema: None,
             long_ema: None,
@@ -804,10 +807,12 @@ impl Governor {
             self.relearn("load far from the sweep's");
             self.sweep_done = false;
             self.sweep_load = (0.0, 0);
-            let center = self.best_tried().or(match self.last_target {
+            // Around the clock it converged on (the models' best in a context they never saw
+            // is an extrapolation).
+            let center = match self.last_target {
                 Some(ClockTarget::Locked(m)) => Some(m),
-                _ => None,
-            });
+                _ => self.best_tried(),
+            };
             let span = self.cfg.resweep_span_mhz;
             for a in self.arms.iter_mut().filter(|a| a.coarse) {
                 if span == 0 || center.is_none_or(|c| a.mhz().abs_diff(c) <= span) {
@@ -859,9 +864,13 @@ impl Governor {
             // Idle: nothing to learn from; park at the lowest explored clock (never below the
             // GPU's minimum), from where the first busy window moves up.
             d.phase = Phase::Idle;
-            let park = self.arms.iter().find(|a| a.stats.active()).map_or(self.arms[max_i].mhz(), Arm::mhz);
-            return self.rate_limited(obs.applied, ClockTarget::Locked(park));
+            let park = ClockTarget::Locked(self.arms.iter().find(|a| a.stats.active()).map_or(self.arms[max_i].mhz(), Arm::mhz));
+            let target = self.rate_limited(obs.applied, park);
+            self.parked = target == park;
+            return target;
         };
+        // Leaving the idle clock is never held back: it was not a measurement.
+        let parked = std::mem::take(&mut self.parked);
         if self.fallback_left > 0 {
             self.fallback_left -= 1;
             d.phase = Phase::Fallback;
@@ -921,7 +930,7 @@ impl Governor {
                 }
             }
         }
-        let target = self.rate_limited(obs.applied, ClockTarget::Locked(mhz));
+        let target = if parked { ClockTarget::Locked(mhz) } else { self.rate_limited(obs.applied, ClockTarget::Locked(mhz)) };
         if let Some(i) = self.arm_of(target) {
             self.pending = Some((i, x));
         }

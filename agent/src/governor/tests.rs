@@ -333,3 +333,48 @@ fn sweeps_again_when_the_load_far_exceeds_the_sweeps() {
     let off = coarse_visited(&day);
     assert!(off + 3 <= on, "no new sweep when turned off: {off} coarse clocks, {on} with it");
 }
+
+#[test]
+fn sweeps_again_around_the_converged_clock_when_the_load_falls_far() {
+    let cfg = GovernorConfig { mode: Mode::Edp, ..GovernorConfig::default() };
+    let mut g = Governor::new(cfg.clone(), &h100_clocks(), None);
+    let mut env = Synthetic::new(4);
+    env.tokens_per_s = 4000.0;
+    let day = run(&mut g, &mut env, 150);
+    assert!(day[100..].iter().all(|d| d.converged), "converged by day");
+    let center = locked(day[149].target);
+    // The load falls to an eighth; its slow average crosses half the sweep's within ~40 windows.
+    let before: Vec<u64> = g.arms.iter().map(|a| a.stats.tries).collect();
+    let mut windows = 0;
+    while g.sweep_done && windows < 200 {
+        g.track_load(500.0);
+        windows += 1;
+    }
+    assert!(!g.sweep_done && !g.converged, "sweeping again after {windows} quiet windows");
+    // Coarse clocks near the converged one are measured afresh; the far ones keep theirs.
+    for (a, tries) in g.arms.iter().zip(before).filter(|(a, _)| a.coarse) {
+        let near = a.mhz().abs_diff(center) <= cfg.resweep_span_mhz;
+        let want = if near { 0 } else { tries };
+        assert_eq!(a.stats.tries, want, "{} MHz (converged at {center})", a.mhz());
+    }
+    assert!(g.arms.iter().any(|a| a.coarse && a.stats.tries > 0), "some far clocks kept their statistics");
+    // And it converges again under the new load.
+    env.tokens_per_s = 500.0;
+    let night = run(&mut g, &mut env, 150);
+    assert!(night[100..].iter().all(|d| d.converged));
+}
+
+#[test]
+fn leaves_the_idle_clock_at_once_when_work_arrives() {
+    let mut g = Governor::new(GovernorConfig::default(), &h100_clocks(), None);
+    let mut env = Synthetic::new(5);
+    let busy = run(&mut g, &mut env, 8);
+    let idle = context::tests::window(0.0, 0.0, 0.0, 0.0);
+    let applied = busy[7].target;
+    let park = g.decide(&Observation { window: &idle, energy_j: 70.0, seconds: 1.0, applied });
+    assert_eq!(park.phase, Phase::Idle);
+    // Rate limiting does not hold the parked clock: it was never a measurement.
+    let (w, e) = env.window(park.target);
+    let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied: park.target });
+    assert_ne!(d.target, park.target, "busy again, still parked at {:?}", park.target);
+}
