@@ -2,24 +2,28 @@
 //! SM clock for the next window from the vLLM window that just ended.
 //!
 //! One call to [`Governor::decide`] per cycle:
-//! 1. the window just measured is scored (EDP per token against a max-clock baseline, SLO
-//!    penalties) and learnt, in the context it was chosen in, by a reward model shared by all
-//!    clocks (load plus a curve in the clock, see [`pooled`]) and by the arm that was on the
-//!    GPU (what the shared model gets wrong for that clock); busier windows weigh more in the
-//!    shared model (their EDP is less noisy), and a load far above the one the sweep ran at
-//!    starts the sweep again;
+//! 1. the window just measured is scored (power x TPOT against a max-clock baseline, SLO
+//!    penalties; see [`reward::Outcome::power_delay`] for why not energy per token) and learnt
+//!    by a reward model shared by all clocks (the window's own load plus a curve in the clock,
+//!    see [`pooled`]) and by the arm that was on the GPU, in the context it was chosen in
+//!    (what the shared model gets wrong for that clock); busier windows weigh more in the
+//!    shared model (their reward is less noisy), and a load far above or below the one the
+//!    sweep ran at starts a sweep around the converged clock again;
 //! 2. an SLO violation jumps to the maximum clock at once (`Fallback`) and bans the violating
 //!    clock and those below it for a while;
 //! 3. otherwise the next clock is chosen: a sweep of a coarse grid, down from the maximum and
 //!    back up (see [`sweep_order`]; ended early only by an SLO violation), then 15 MHz arms
 //!    around the best, then LinUCB with decaying exploration;
-//!    once the recent choices stay in a narrow band the governor has converged and exploits,
-//!    until the workload shifts or EDP stays above what the models expect.
+//!    once the recent choices stay within one coarse step the governor has converged and
+//!    exploits, until the workload shifts or EDP stays above what the models expect.
+//!
+//! Hopeless clocks are pruned on what the models expect of them in one context, never on raw
+//! means (those mix whatever loads each clock met).
 //!
 //! Why it beats AGFT's design (REFERENCE.md): SLO-aware reward with TTFT, a safe jump instead
 //! of permanent pruning, a sensible coarse range instead of the whole 345..1980 span, clocks
 //! compared with the load held fixed (pooled evidence, so a load ramp does not pass for a good
-//! clock), and forgetting instead of resets on workload shifts.
+//! clock), and local re-sweeps instead of resets when the load moves.
 
 pub mod agft;
 pub mod bench;
@@ -658,12 +662,14 @@ impl Governor {
     /// Bookkeeping after learning from arm `a`: sweep progress, pruning, relearn triggers.
     /// `surprise` is the reward minus what the models expected.
     fn after_learning(&mut self, a: usize, surprise: f64, violated: bool) {
-        // The sweep covers the whole coarse grid unless a clock breaks the SLO: stopping where
-        // clocks start to look worse judges them before the shared model can tell the load's
-        // effect from the clock's (on the bench's traces that cost more than the few windows at
-        // low clocks it saves).
+        // The sweep covers the whole coarse grid but the untried clocks below one that broke
+        // the SLO: stopping where clocks start to look worse judges them before the shared
+        // model can tell the load's effect from the clock's (on the bench's traces that cost
+        // more than the few windows at low clocks it saves), and the clocks above the violating
+        // one are still to be measured (a burst of long prompts breaks the TPOT objective at
+        // any clock).
         if !self.sweep_done && violated {
-            self.finish_sweep(self.arms[a].mhz());
+            self.drop_untried_below(self.arms[a].mhz());
         }
         let protect = self.protected();
         let pruned = prune::prune(
@@ -672,8 +678,10 @@ impl Governor {
             self.round,
             &protect,
         );
-        // The historical rule on what the models expect in the last busy window's context.
-        let expected: Vec<f64> = match self.last_raw {
+        // The historical rule on what the models expect of a typical window (the normaliser's
+        // mean): one burst's context would let one arm's extrapolation prune its neighbours.
+        let typical: Option<[f64; RAW]> = (self.ctx.norm.n >= 2).then(|| self.ctx.norm.mean.as_slice().try_into().ok()).flatten();
+        let expected: Vec<f64> = match typical {
             Some(raw) => {
                 let cx = self.ctx.context_of(&raw);
                 (0..self.arms.len()).map(|i| self.expected(i, &cx, &raw)).collect()
@@ -710,13 +718,17 @@ impl Governor {
         self.shared.predict(&self.shared_features(craw, self.arms[i].mhz())) + self.arms[i].model.predict(cx)
     }
 
-    /// Ends the coarse sweep: untried coarse clocks below `stop_mhz` are dropped (EDP is
-    /// unimodal in the clock on the H100 sweep), and fine arms are added around the best.
-    fn finish_sweep(&mut self, stop_mhz: u32) {
-        self.sweep_done = true;
-        for arm in self.arms.iter_mut().filter(|x| x.stats.tries == 0 && x.mhz() < stop_mhz) {
+    /// Untried coarse clocks below `mhz` are dropped from the sweep (slower still than one
+    /// that broke the SLO).
+    fn drop_untried_below(&mut self, mhz: u32) {
+        for arm in self.arms.iter_mut().filter(|x| x.stats.tries == 0 && x.mhz() < mhz) {
             arm.stats.pruned = Some(PruneReason::Cascade);
         }
+    }
+
+    /// Ends the coarse sweep and adds fine arms around the best clock.
+    fn finish_sweep(&mut self) {
+        self.sweep_done = true;
         if let Some(best) = self.best_tried() {
             self.refine_around(best);
         }
@@ -897,7 +909,7 @@ impl Governor {
             match next {
                 Some(i) => (i, Phase::Explore),
                 None => {
-                    self.finish_sweep(0);
+                    self.finish_sweep();
                     self.ucb_pick(&candidates, &x, raw)
                 }
             }
