@@ -203,10 +203,27 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gpu-agent: {e:#}");
+            eprintln!("gpu-agent: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes on one line. A cause the message above it already spells out
+/// (library errors name their source in their own message) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Exit 2 on malformed input (one line naming the line number), 1 when it cannot be read.
@@ -386,5 +403,20 @@ async fn wait_for_stop_signal() {
             }
         }
         _ => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_line_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = gpu_agent::governor::trace::Trace::load(std::path::Path::new("/nonexistent/t.csv")).expect_err("missing");
+        let e = anyhow::Error::new(e).context("bench");
+        assert_eq!(one_line(&e), "bench: cannot read trace /nonexistent/t.csv: No such file or directory (os error 2)");
+        let plain = anyhow::Error::new(io).context("reading x");
+        assert_eq!(one_line(&plain), "reading x: No such file or directory");
     }
 }
