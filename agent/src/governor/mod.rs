@@ -12,13 +12,13 @@
 //! 2. an SLO violation jumps to the maximum clock at once (`Fallback`) and bans the violating
 //!    clock and those below it for a while;
 //! 3. otherwise the next clock is chosen: a sweep of a coarse grid, down from the maximum and
-//!    back up (see [`sweep_order`]; ended early only by an SLO violation), then 15 MHz arms
-//!    around the best, then LinUCB with decaying exploration;
+//!    back up (see [`sweep_order`]; an SLO violation drops the untried clocks below it), then
+//!    15 MHz arms around the best, then LinUCB with decaying exploration;
 //!    once the recent choices stay within one coarse step the governor has converged and
 //!    exploits, until the workload shifts or EDP stays above what the models expect.
 //!
-//! Hopeless clocks are pruned on what the models expect of them in one context, never on raw
-//! means (those mix whatever loads each clock met).
+//! Hopeless clocks are pruned on what the models expect of them for a typical window, never on
+//! raw means (those mix whatever loads each clock met).
 //!
 //! Why it beats AGFT's design (REFERENCE.md): SLO-aware reward with TTFT, a safe jump instead
 //! of permanent pruning, a sensible coarse range instead of the whole 345..1980 span, clocks
@@ -183,7 +183,7 @@ pub struct GovernorConfig {
     pub normaliser_horizon: f64,
     pub prune: PruneRules,
     /// The governor's historical rule: a tried clock the models expect to be this much worse
-    /// (log EDP) than the best in the current context is dropped (see
+    /// (log EDP) than the best for a typical window is dropped (see
     /// [`prune::prune_by_expectation`]).
     pub prune_gap: f64,
     pub reward: RewardShape,
@@ -533,6 +533,7 @@ impl Governor {
         self.converged_after = None;
         self.edp_rise_streak = 0;
         self.fallback_left = 0;
+        self.parked = false;
         self.short_ema = None;
         self.long_ema = None;
         self.sweep_load = (0.0, 0);

@@ -3,9 +3,9 @@
 //!
 //! EDP per token = (window energy / generated tokens) x mean TPOT; the governor learns from
 //! the window's power x TPOT, which ranks clocks alike under the same load with far less noise
-//! (see [`Outcome::power_delay`]). The reward is `-ln(EDP / baseline)`: 0 at the baseline, +0.2 for an EDP 18% lower, symmetric in ratios,
-//! so a linear model can add context effects to it. Windows without generated tokens or
-//! without a TPOT have no reward (nothing to learn about energy per token).
+//! (see [`Outcome::power_delay`]). The reward is `-ln(value / baseline)`: 0 at the baseline,
+//! +0.2 for a value 18% lower, symmetric in ratios, so a linear model can add context effects
+//! to it. Windows that served nothing or have no TPOT have no reward.
 
 use serde::{Deserialize, Serialize};
 
