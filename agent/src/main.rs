@@ -85,29 +85,11 @@ enum Command {
 
 #[derive(Args)]
 struct TuneArgs {
-    /// Search space (TOML).
-    #[arg(long, value_name = "FILE")]
-    space: PathBuf,
-    /// Server command template with `{flags}` (and optionally `{model}`, `{port}`), e.g.
-    /// 'vllm serve {model} {flags}'; or `sim` to evaluate trials on the in-process simulator
-    /// in virtual time.
-    #[arg(long, value_name = "CMD")]
-    launch: String,
-    /// Study directory: logs, store, results [default: ./tune/<study name>]
-    #[arg(long, value_name = "DIR")]
-    study_dir: Option<PathBuf>,
-    /// grid | random | tpe (overrides the space's study.strategy).
-    #[arg(long)]
-    strategy: Option<String>,
-    /// Most trials, baseline included (overrides study.trials).
-    #[arg(long)]
-    trials: Option<u32>,
+    #[command(flatten)]
+    study: agentctl::TuneStart,
     /// A GPU set (CUDA_VISIBLE_DEVICES value); repeat to run trials in parallel (overrides study.gpu_sets).
     #[arg(long = "gpu-set", value_name = "IDS")]
     gpu_sets: Vec<String>,
-    /// Discard an earlier study in the directory instead of resuming it.
-    #[arg(long)]
-    fresh: bool,
     /// Print the result summary as JSON.
     #[arg(long)]
     json: bool,
@@ -340,15 +322,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 /// fails, 130 when stopped by SIGINT/SIGTERM (every server stopped; rerun to resume).
 async fn tune(args: TuneArgs) -> ExitCode {
     use gpu_agent::tuner;
-    let req = agentctl::TuneStart {
-        space: args.space,
-        launch: args.launch,
-        study_dir: args.study_dir,
-        strategy: args.strategy,
-        trials: args.trials,
-        fresh: args.fresh,
-    };
-    let mut cfg = match tuner::study_config(&req, std::path::Path::new("tune")) {
+    let mut cfg = match tuner::study_config(&args.study, std::path::Path::new("tune")) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gpu-agent: {e}");

@@ -111,19 +111,32 @@ pub enum TuneCmd {
     Results,
 }
 
-/// A study to start in the agent. Paths are as the agent sees them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A study to start: the request `agentctl tune start` sends and the flags it and
+/// `gpu-agent tune` both take (one definition, so the two commands cannot drift apart). Paths
+/// are as the agent sees them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 pub struct TuneStart {
-    /// Search space file (TOML).
+    /// Search space (TOML).
+    #[arg(long, value_name = "FILE")]
     pub space: PathBuf,
-    /// Server command template with `{flags}`, or `sim` for the in-process simulator.
+    /// Server command template with `{flags}` (and optionally `{model}`, `{port}`), e.g.
+    /// 'vllm serve {model} {flags}'; or `sim` to evaluate trials on the in-process simulator
+    /// in virtual time.
+    #[arg(long, value_name = "CMD")]
     pub launch: String,
-    /// Where logs, results and the study store go; default: under the agent's state dir.
+    /// Study directory: logs, results and the study store [default: tune/<study name>, under
+    /// the working directory for `gpu-agent tune`, under the agent's state directory for
+    /// `agentctl tune start`]
+    #[arg(long, value_name = "DIR")]
     pub study_dir: Option<PathBuf>,
-    /// Overrides of the space's `study.strategy` and `study.trials`.
+    /// grid | random | tpe (overrides the space's study.strategy).
+    #[arg(long)]
     pub strategy: Option<String>,
+    /// Most trials, baseline included (overrides study.trials).
+    #[arg(long)]
     pub trials: Option<u32>,
-    /// Discard a previous study in the same directory instead of resuming it.
+    /// Discard an earlier study in the directory instead of resuming it.
+    #[arg(long)]
     pub fresh: bool,
 }
 

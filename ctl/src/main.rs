@@ -75,24 +75,8 @@ enum Command {
 enum TuneArg {
     /// Start (or resume) a study; with --wait, follow it with a progress bar to the end.
     Start {
-        /// Search space (TOML).
-        #[arg(long, value_name = "FILE")]
-        space: PathBuf,
-        /// Server command template with `{flags}`, or `sim` for the simulator.
-        #[arg(long, value_name = "CMD")]
-        launch: String,
-        /// Study directory [default: the agent's state dir/tune/<study name>]
-        #[arg(long, value_name = "DIR")]
-        study_dir: Option<PathBuf>,
-        /// grid | random | tpe
-        #[arg(long)]
-        strategy: Option<String>,
-        /// Most trials, baseline included (overrides study.trials).
-        #[arg(long)]
-        trials: Option<u32>,
-        /// Discard an earlier study in the directory instead of resuming it.
-        #[arg(long)]
-        fresh: bool,
+        #[command(flatten)]
+        study: TuneStart,
         /// Follow the study with a progress bar until it ends (exit 1 unless it finished).
         #[arg(long)]
         wait: bool,
@@ -150,13 +134,10 @@ fn main() -> ExitCode {
         }),
         Command::Reload => Request::Reload,
         Command::Tune { cmd } => Request::Tune(match cmd {
-            TuneArg::Start { space, launch, study_dir, strategy, trials, fresh, .. } => TuneCmd::Start(TuneStart {
-                space: absolute(space),
-                launch: launch.clone(),
-                study_dir: study_dir.as_deref().map(absolute),
-                strategy: strategy.clone(),
-                trials: *trials,
-                fresh: *fresh,
+            TuneArg::Start { study, .. } => TuneCmd::Start(TuneStart {
+                space: absolute(&study.space),
+                study_dir: study.study_dir.as_deref().map(absolute),
+                ..study.clone()
             }),
             TuneArg::Status { .. } => TuneCmd::Status,
             TuneArg::Stop => TuneCmd::Stop,
