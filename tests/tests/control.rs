@@ -1,5 +1,6 @@
 //! The control plane end to end: `gpu-agent --simulate` with its socket in a temp dir, driven
-//! through the `agentctl` binary; hostile frames sent raw to the socket; many clients at once.
+//! through the `agentctl` binary; hostile frames sent raw to the socket; many clients at once;
+//! the advisor's capacity following a clock pinned through `agentctl pin`.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -327,4 +328,41 @@ fn the_configured_group_owns_the_socket() {
 
 fn nix_is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// `agentctl advice --json`: (clock, capacity, fitted fixed step time).
+fn advice_at(socket: &Path) -> Option<(f64, f64, f64)> {
+    let o = ctl(socket, &["advice", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    Some((v["clock_mhz"].as_f64()?, v["capacity_rate"].as_f64()?, v["fit"]["alpha_s"].as_f64()?))
+}
+
+#[test]
+fn pinning_a_lower_clock_lowers_the_advised_capacity() {
+    let a = start("");
+    let pin = |mhz: &str| {
+        let o = ctl(&a.socket, &["pin", mhz]);
+        assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    };
+    // Learn the server at the maximum clock under the built-in load (its quiet start: the
+    // request mix stays the same through this test).
+    pin("1980");
+    wait_for(Duration::from_secs(30), "an online capacity at 1980 MHz", || advice_at(&a.socket).filter(|x| x.0 == 1980.0));
+    std::thread::sleep(Duration::from_secs(5));
+    let (_, high_cap, high_step) = advice_at(&a.socket).expect("advice");
+    // At 900 MHz each step takes longer; the advisor learns it from the windows and computes
+    // the capacity at the clock the agent applies.
+    pin("900");
+    let (_, low_cap, low_step) = wait_for(Duration::from_secs(30), "a lower capacity at 900 MHz", || {
+        advice_at(&a.socket).filter(|&(clock, cap, step)| clock == 900.0 && step > 1.2 * high_step && cap < 0.98 * high_cap)
+    });
+    println!("1980 MHz: {high_cap:.1} req/s, step {high_step:.4} s; 900 MHz: {low_cap:.1} req/s, step {low_step:.4} s");
+    // Back at 1980 MHz the capacity is back at once: the slowdown was put down to the clock,
+    // not to the server (a fit blind to the clock would need ~100 windows to forget it).
+    pin("1980");
+    let (_, back_cap, back_step) = wait_for(Duration::from_secs(5), "the capacity back at 1980 MHz", || {
+        advice_at(&a.socket).filter(|&(clock, cap, step)| clock == 1980.0 && step < 1.1 * high_step && cap > 0.97 * high_cap)
+    });
+    println!("back at 1980 MHz: {back_cap:.1} req/s, step {back_step:.4} s");
+    a.proc.signal("TERM");
 }
