@@ -219,9 +219,11 @@ impl Default for GovernorConfig {
                 extreme_rounds: 60,
                 extreme_min_tries: 2,
                 extreme_reward: -1.0,
+                // AGFT's rule on raw means is off (the floor below only served it); the
+                // governor's own historical rule is `prune_gap`, with these minimum tries.
                 historical_sd: None,
                 historical_min_tries: 3,
-                historical_sd_floor: 0.05,
+                historical_sd_floor: 0.0,
                 cascade_below: 0.5,
             },
             prune_gap: 0.15,
@@ -673,30 +675,18 @@ impl Governor {
             self.drop_untried_below(self.arms[a].mhz());
         }
         let protect = self.protected();
-        let pruned = prune::prune(
-            &mut self.arms.iter().map(|x| x.stats.clone()).collect::<Vec<_>>(),
-            &self.cfg.prune,
-            self.round,
-            &protect,
-        );
+        // Both rules work on one copy of the arms' statistics (an arm one rule drops is not
+        // judged again by the other); what they prune is copied back.
+        let mut stats: Vec<ArmStats> = self.arms.iter().map(|x| x.stats.clone()).collect();
+        let mut pruned = prune::prune(&mut stats, &self.cfg.prune, self.round, &protect);
         // The historical rule on what the models expect of a typical window (the normaliser's
         // mean): one burst's context would let one arm's extrapolation prune its neighbours.
         let typical: Option<[f64; RAW]> = (self.ctx.norm.n >= 2).then(|| self.ctx.norm.mean.as_slice().try_into().ok()).flatten();
-        let expected: Vec<f64> = match typical {
-            Some(raw) => {
-                let cx = self.ctx.context_of(&raw);
-                (0..self.arms.len()).map(|i| self.expected(i, &cx, &raw)).collect()
-            }
-            None => Vec::new(),
-        };
-        let mut stats: Vec<ArmStats> = self.arms.iter().map(|x| x.stats.clone()).collect();
-        let pruned = pruned.into_iter().chain(prune::prune_by_expectation(
-            &mut stats,
-            &expected,
-            self.cfg.prune_gap,
-            self.cfg.prune.historical_min_tries,
-            &protect,
-        ));
+        if let Some(raw) = typical {
+            let cx = self.ctx.context_of(&raw);
+            let expected: Vec<f64> = (0..self.arms.len()).map(|i| self.expected(i, &cx, &raw)).collect();
+            pruned.extend(prune::prune_by_expectation(&mut stats, &expected, self.cfg.prune_gap, self.cfg.prune.historical_min_tries, &protect));
+        }
         for (mhz, why) in pruned {
             if let Some(arm) = self.arms.iter_mut().find(|x| x.mhz() == mhz) {
                 debug!(mhz, ?why, "pruned clock");
