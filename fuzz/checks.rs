@@ -6,11 +6,11 @@
 /// it (histograms, quantiles), a window over it and the inspect report.
 pub fn prom_parse(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    if let Ok(exp) = gpu_agent::vllm::parse(text) {
-        let snap = gpu_agent::vllm::Snapshot::from_exposition(&exp);
-        let _ = gpu_agent::vllm::Window::between(&snap, &snap, 1.0);
+    if let Ok(exp) = vllm_metrics::parse(text) {
+        let snap = vllm_metrics::Snapshot::from_exposition(&exp);
+        let _ = vllm_metrics::Window::between(&snap, &snap, 1.0);
     }
-    let _ = gpu_agent::vllm::inspect_text(text);
+    let _ = vllm_metrics::inspect_text(text);
 }
 
 /// The control socket's decoder, fed what a hostile peer could send: a 4-byte length prefix
@@ -20,19 +20,19 @@ pub fn prom_parse(data: &[u8]) {
 /// for 0, which the first fuzz run found; harmless, they decode to the same value.)
 pub fn ctl_frame(data: &[u8]) {
     if let Some(&[a, b, c, d]) = data.get(..4) {
-        let _ = agentctl::frame_len([a, b, c, d]);
+        let _ = proto::frame_len([a, b, c, d]);
     }
-    round_trip::<agentctl::Hello>(data);
-    round_trip::<agentctl::Welcome>(data);
-    round_trip::<agentctl::Request>(data);
-    round_trip::<agentctl::Response>(data);
+    round_trip::<proto::Hello>(data);
+    round_trip::<proto::Welcome>(data);
+    round_trip::<proto::Request>(data);
+    round_trip::<proto::Response>(data);
 }
 
 fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(body: &[u8]) {
-    if let Ok(v) = agentctl::decode_body::<T>(body) {
-        let frame = agentctl::encode_frame(&v).expect("a decoded value encodes");
-        let again: T = agentctl::decode_body(&frame[4..]).expect("our own encoding decodes");
-        let frame2 = agentctl::encode_frame(&again).expect("encodes again");
+    if let Ok(v) = proto::decode_body::<T>(body) {
+        let frame = proto::encode_frame(&v).expect("a decoded value encodes");
+        let again: T = proto::decode_body(&frame[4..]).expect("our own encoding decodes");
+        let frame2 = proto::encode_frame(&again).expect("encodes again");
         assert_eq!(frame, frame2, "encode, decode, encode is stable");
     }
 }

@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use gpu::GpuBackend;
+use gpu_agent::backends;
 use gpu_agent::config::{Config, GpuBackendKind};
 use gpu_agent::daemon;
-use gpu_agent::gpu::{self, GpuBackend};
-use gpu_agent::vllm;
 
 #[derive(Parser)]
 #[command(name = "gpu-agent", version, about = "Sidecar for vLLM: GPU clock governor, flag tuner and replica advisor")]
@@ -74,6 +74,7 @@ enum Command {
     },
     /// Replay a workload trace on the simulated H100 and vLLM, faster than real time, under a
     /// clock policy, and print energy, latency and EDP figures.
+    #[cfg(feature = "lab")]
     Bench(BenchArgs),
     /// Drive an OpenAI-compatible server (vLLM or vllm-sim) with a load trace and print a
     /// `vllm bench serve`-style JSON report.
@@ -86,7 +87,7 @@ enum Command {
 #[derive(Args)]
 struct TuneArgs {
     #[command(flatten)]
-    study: agentctl::TuneStart,
+    study: proto::TuneStart,
     /// A GPU set (CUDA_VISIBLE_DEVICES value); repeat to run trials in parallel (overrides study.gpu_sets).
     #[arg(long = "gpu-set", value_name = "IDS")]
     gpu_sets: Vec<String>,
@@ -105,6 +106,7 @@ struct BackendArgs {
     simulate: bool,
 }
 
+#[cfg(feature = "lab")]
 #[derive(Args)]
 struct BenchArgs {
     /// CSV trace: seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens
@@ -168,6 +170,7 @@ fn main() -> ExitCode {
         Some(Command::ResetClocks { backend }) => report(reset_clocks(&backend)),
         Some(Command::CheckConfig { file }) => report(Config::load(&file).map(|_| println!("{}: ok", file.display())).map_err(Into::into)),
         Some(Command::Loadgen(args)) => report(runtime.block_on(loadgen(args))),
+        #[cfg(feature = "lab")]
         Some(Command::Bench(args)) => report(bench(&args)),
         Some(Command::Tune(args)) => runtime.block_on(tune(args)),
     }
@@ -218,7 +221,7 @@ async fn inspect(file: Option<PathBuf>, url: Option<String>) -> ExitCode {
                 return ExitCode::from(1);
             }
         },
-        (None, Some(url)) => match vllm::Scraper::new().fetch_text(&url, Duration::from_secs(5)).await {
+        (None, Some(url)) => match vllm_metrics::Scraper::new().fetch_text(&url, Duration::from_secs(5)).await {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("gpu-agent: {e}");
@@ -227,7 +230,7 @@ async fn inspect(file: Option<PathBuf>, url: Option<String>) -> ExitCode {
         },
         (None, None) => unreachable!("clap requires one of --metrics-file and --url"),
     };
-    match vllm::inspect_text(&text) {
+    match vllm_metrics::inspect_text(&text) {
         Ok(json) => {
             println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
             ExitCode::SUCCESS
@@ -246,13 +249,9 @@ fn backend(args: &BackendArgs) -> anyhow::Result<(Arc<dyn GpuBackend>, Vec<u32>)
     };
     let kind = if args.simulate { GpuBackendKind::Sim } else { cfg.gpu.backend };
     let indices = cfg.gpu.indices.clone();
-    let backend: Arc<dyn GpuBackend> = match kind {
-        GpuBackendKind::Nvml => {
-            let all: Vec<u32> = if args.config.is_some() { indices.clone() } else { Vec::new() };
-            Arc::new(gpu::nvml::NvmlGpu::open(&all)?)
-        }
-        GpuBackendKind::Sim => Arc::new(gpu::sim::SimGpu::free_running(indices.iter().max().map_or(1, |m| m + 1))),
-    };
+    // Without a config file, NVML shows every GPU there is.
+    let wanted = if args.config.is_some() || kind == GpuBackendKind::Sim { indices.clone() } else { Vec::new() };
+    let backend = backends::open_gpu(kind, &wanted)?;
     let indices = if args.config.is_some() { indices } else { backend.devices().iter().map(|d| d.index).collect() };
     Ok((backend, indices))
 }
@@ -293,15 +292,16 @@ fn reset_clocks(args: &BackendArgs) -> anyhow::Result<()> {
 
 async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.trace).with_context(|| format!("reading {}", args.trace.display()))?;
-    let schedule = gpu_agent::sim::load::Schedule::from_csv(&text).with_context(|| format!("trace {}", args.trace.display()))?;
-    let report = gpu_agent::sim::load::run_http(&args.url, &args.model, &schedule, args.seed, &Default::default()).await?;
+    let schedule = loadgen::Schedule::from_csv(&text).with_context(|| format!("trace {}", args.trace.display()))?;
+    let report = loadgen::run_http(&args.url, &args.model, &schedule, args.seed, &Default::default()).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
 
+#[cfg(feature = "lab")]
 fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    use gpu_agent::governor::bench::{run_bench, BenchOptions, BenchPolicy};
-    let trace = gpu_agent::governor::trace::Trace::load(&args.trace)?;
+    use lab::bench::{run_bench, BenchOptions, BenchPolicy};
+    let trace = lab::trace::Trace::load(&args.trace)?;
     let policy: BenchPolicy = args.policy.parse().map_err(|e| anyhow::anyhow!("--policy: {e}"))?;
     let opts = BenchOptions { ttft_slo_s: args.ttft_slo, tpot_slo_s: args.tpot_slo, seed: args.seed, ..BenchOptions::default() };
     let r = run_bench(&trace, policy, &opts)?;
@@ -321,8 +321,8 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 /// `gpu-agent tune`: exit 0 with the best flags, 2 on a bad space or command, 1 when the study
 /// fails, 130 when stopped by SIGINT/SIGTERM (every server stopped; rerun to resume).
 async fn tune(args: TuneArgs) -> ExitCode {
-    use gpu_agent::tuner;
-    let mut cfg = match tuner::study_config(&args.study, std::path::Path::new("tune")) {
+    use tuner;
+    let mut cfg = match tuner::study_config(&args.study, std::path::Path::new("tune"), backends::in_process_servers()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gpu-agent: {e}");
@@ -384,10 +384,11 @@ async fn wait_for_stop_signal() {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "lab")]
     #[test]
     fn an_error_line_names_each_cause_once() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
-        let e = gpu_agent::governor::trace::Trace::load(std::path::Path::new("/nonexistent/t.csv")).expect_err("missing");
+        let e = lab::trace::Trace::load(std::path::Path::new("/nonexistent/t.csv")).expect_err("missing");
         let e = anyhow::Error::new(e).context("bench");
         assert_eq!(one_line(&e), "bench: cannot read trace /nonexistent/t.csv: No such file or directory (os error 2)");
         let plain = anyhow::Error::new(io).context("reading x");

@@ -1,6 +1,6 @@
-//! The package's binaries start and describe themselves. Having an integration test here also
-//! makes `cargo test --workspace` build `gpu-agent` and `vllm-sim` before any test runs, which
-//! the end-to-end tests in the workspace's `tests/` crate rely on.
+//! The daemon's binary starts and describes itself. Having an integration test here also makes
+//! `cargo test --workspace` build `gpu-agent` before any test runs, which the end-to-end tests
+//! in the workspace's `tests/` crate rely on.
 
 use std::process::Command;
 
@@ -9,14 +9,4 @@ fn gpu_agent_reports_its_version() {
     let out = Command::new(env!("CARGO_BIN_EXE_gpu-agent")).arg("--version").output().expect("run");
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("gpu-agent {}", env!("CARGO_PKG_VERSION")));
-}
-
-#[test]
-fn vllm_sim_lists_vllms_flag_names() {
-    let out = Command::new(env!("CARGO_BIN_EXE_vllm-sim")).arg("--help").output().expect("run");
-    assert!(out.status.success());
-    let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--port", "--max-num-seqs", "--max-num-batched-tokens", "--gpu-memory-utilization", "--block-size"] {
-        assert!(help.contains(flag), "vllm-sim --help lacks {flag}");
-    }
 }

@@ -8,12 +8,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use gpu::GpuBackend;
 use gpu_agent::config::{Config, GpuBackendKind, PolicyMode};
 use gpu_agent::daemon::Agent;
-use gpu_agent::gpu::sim::{Fault, SimGpu};
-use gpu_agent::gpu::GpuBackend;
-use gpu_agent::sim::engine::EngineConfig;
-use gpu_agent::sim::server::SimServer;
+use sim::engine::EngineConfig;
+use sim::gpu::{Fault, SimGpu};
+use sim::server::SimServer;
 
 const PIN: u32 = 1200;
 

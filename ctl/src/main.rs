@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use agentctl::{
+use proto::{
     AdviceReport, Client, ClientError, ModelCmd, Request, Response, StatusReport, TuneCmd, TuneProgress, TuneReply,
     TuneStart, DEFAULT_SOCKET,
 };
@@ -33,7 +33,7 @@ enum Command {
     /// Set the clock policy: slo, edp, observe or default.
     Mode {
         #[arg(value_parser = parse_mode)]
-        mode: agentctl::Mode,
+        mode: proto::Mode,
     },
     /// Lock the SM clock of the agent's GPUs at MHZ until `unpin`.
     Pin { mhz: u32 },
@@ -102,7 +102,7 @@ enum ModelArg {
     Import { file: PathBuf },
 }
 
-fn parse_mode(s: &str) -> Result<agentctl::Mode, String> {
+fn parse_mode(s: &str) -> Result<proto::Mode, String> {
     s.parse()
 }
 

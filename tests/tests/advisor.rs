@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e_tests::{assert_promtool_clean, bin, free_port, get, metric, wait_for, Proc};
-use gpu_agent::profile::{CapacityBucket, CapacityProfile, ProfileLimits, PROFILE_SCHEMA};
+use objectives::profile::{CapacityBucket, CapacityProfile, ProfileLimits, PROFILE_SCHEMA};
 
 const MODEL: &str = "advised-model";
 

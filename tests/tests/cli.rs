@@ -5,8 +5,8 @@ use std::process::{Command, Output};
 
 use e2e_tests::bin;
 
-fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../agent/data").join(name)
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../crates/vllm-metrics/fixtures").join(name)
 }
 
 fn agent(args: &[&str]) -> Output {
@@ -20,7 +20,7 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn inspect_prints_what_the_agent_reads_from_a_v1_response() {
     // The doc excerpt marks gaps with `...` lines: drop them to get exposition text.
-    let text: String = std::fs::read_to_string(data("vllm-metrics/v1-docs-excerpt.txt"))
+    let text: String = std::fs::read_to_string(fixture("v1-docs-excerpt.txt"))
         .expect("sample")
         .lines()
         .filter(|l| l.trim() != "...")
@@ -41,7 +41,7 @@ fn inspect_prints_what_the_agent_reads_from_a_v1_response() {
 
 #[test]
 fn inspect_reads_v0_names() {
-    let out = agent(&["inspect", "--metrics-file", data("vllm-metrics/v0-opt125m.txt").to_str().expect("path")]);
+    let out = agent(&["inspect", "--metrics-file", fixture("v0-opt125m.txt").to_str().expect("path")]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["prompt_tokens_total"], 5.0);

@@ -136,7 +136,7 @@ fn every_command_through_agentctl() {
     let o = ctl(s, &["model", "export", file.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     let exported: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).expect("export file")).expect("JSON");
-    assert_eq!(exported["schema_version"], gpu_agent::store::SCHEMA_VERSION);
+    assert_eq!(exported["schema_version"], governor::store::SCHEMA_VERSION);
     let o = ctl(s, &["model", "import", file.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     let o = ctl(s, &["model", "import", "/nonexistent/model.json"]);
@@ -147,7 +147,7 @@ fn every_command_through_agentctl() {
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     let to_stdout: serde_json::Value = serde_json::from_str(&text(&o).0).expect("export on stdout is JSON");
     assert_eq!(to_stdout["gpu_model"], exported["gpu_model"]);
-    std::fs::write(&file, format!("{{\"schema_version\": {}, \"state\": 3}}", gpu_agent::store::SCHEMA_VERSION)).expect("write");
+    std::fs::write(&file, format!("{{\"schema_version\": {}, \"state\": 3}}", governor::store::SCHEMA_VERSION)).expect("write");
     let o = ctl(s, &["model", "import", file.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("not a governor export"), "{:?}", text(&o));
@@ -233,14 +233,14 @@ fn raw(socket: &Path, bytes: &[u8]) -> Vec<u8> {
 #[test]
 fn garbage_oversized_and_truncated_frames_do_not_stop_the_agent() {
     let a = start("");
-    let hello = agentctl::encode_frame(&agentctl::Hello { version: agentctl::PROTOCOL_VERSION, client: "raw".into() })
+    let hello = proto::encode_frame(&proto::Hello { version: proto::PROTOCOL_VERSION, client: "raw".into() })
         .expect("hello");
     let mut oversized_request = hello.clone();
     oversized_request.extend_from_slice(&u32::MAX.to_be_bytes());
     let mut garbage_request = hello.clone();
     garbage_request.extend_from_slice(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]);
     let wrong_version =
-        agentctl::encode_frame(&agentctl::Hello { version: 999, client: "future".into() }).expect("hello");
+        proto::encode_frame(&proto::Hello { version: 999, client: "future".into() }).expect("hello");
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("garbage hello", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
         ("oversized hello", u32::MAX.to_be_bytes().to_vec()),
@@ -253,10 +253,10 @@ fn garbage_oversized_and_truncated_frames_do_not_stop_the_agent() {
     for (what, bytes) in cases {
         let back = raw(&a.socket, &bytes);
         if what == "wrong version" {
-            let len = agentctl::frame_len([back[0], back[1], back[2], back[3]]).expect("len");
-            let answer: Result<agentctl::Welcome, agentctl::Response> =
-                agentctl::decode_body(&back[4..4 + len]).expect("decodable answer");
-            assert!(matches!(answer, Err(agentctl::Response::Error { kind: agentctl::ErrorKind::Version, .. })));
+            let len = proto::frame_len([back[0], back[1], back[2], back[3]]).expect("len");
+            let answer: Result<proto::Welcome, proto::Response> =
+                proto::decode_body(&back[4..4 + len]).expect("decodable answer");
+            assert!(matches!(answer, Err(proto::Response::Error { kind: proto::ErrorKind::Version, .. })));
         }
         // The agent is still there for everyone else.
         assert_eq!(status_json(&a.socket)["mode"], "slo", "after {what}");
@@ -297,10 +297,10 @@ fn many_clients_at_once() {
         .map(|_| {
             let socket = socket.clone();
             std::thread::spawn(move || {
-                let mut c = agentctl::Client::connect(&socket).expect("connect");
+                let mut c = proto::Client::connect(&socket).expect("connect");
                 for _ in 0..5 {
-                    match c.call(&agentctl::Request::Status).expect("call") {
-                        agentctl::Response::Status(s) => assert_eq!(s.mode, "slo"),
+                    match c.call(&proto::Request::Status).expect("call") {
+                        proto::Response::Status(s) => assert_eq!(s.mode, "slo"),
                         other => panic!("unexpected {other:?}"),
                     }
                 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e_tests::{bin, free_port, get, wait_for, Proc};
-use gpu_agent::profile::CapacityProfile;
+use objectives::profile::CapacityProfile;
 
 /// Pids of live processes whose command line contains `marker` (zombies excluded).
 fn procs_with(marker: &str) -> Vec<u32> {

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agentctl::{
+use proto::{
     decode_body, encode_frame, frame_len, ErrorKind, Hello, ProtoError, Request, Response, Welcome,
     PROTOCOL_VERSION,
 };
@@ -370,17 +370,17 @@ mod tests {
             }
         });
         tokio::task::spawn_blocking(move || {
-            let pong = |c: &mut agentctl::Client| matches!(c.call(&Request::Pin(1)), Ok(Response::Ok(m)) if m == "pong");
-            let mut a = agentctl::Client::connect(&path).expect("first");
-            let b = agentctl::Client::connect(&path).expect("second");
-            let e = agentctl::Client::connect(&path).expect_err("third is turned away").to_string();
+            let pong = |c: &mut proto::Client| matches!(c.call(&Request::Pin(1)), Ok(Response::Ok(m)) if m == "pong");
+            let mut a = proto::Client::connect(&path).expect("first");
+            let b = proto::Client::connect(&path).expect("second");
+            let e = proto::Client::connect(&path).expect_err("third is turned away").to_string();
             assert!(e.contains("too many control connections"), "{e}");
             assert!(pong(&mut a), "the first two are still served");
             drop(b);
             // The slot frees as soon as the server sees the hang-up.
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             let mut c = loop {
-                match agentctl::Client::connect(&path) {
+                match proto::Client::connect(&path) {
                     Ok(c) => break c,
                     Err(e) => assert!(std::time::Instant::now() < deadline, "slot never freed: {e}"),
                 }

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::gpu::{GpuBackend, GpuError, GpuSample};
+use gpu::{GpuBackend, GpuError, GpuSample};
 
-pub use crate::governor::ClockTarget;
+pub use governor::ClockTarget;
 
 /// How far a read-back clock may be from the lock and still agree with it (NVML rounds to its
 /// clock table; the backend allows the same slack when it locks).
@@ -195,11 +195,16 @@ impl Drop for ClockKeeper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::sim::{Fault, SimGpu};
+    use gpu::fake::{FakeFault, FakeGpu};
+
+    /// An H100's SM clocks: 345..1980 MHz in 15 MHz steps.
+    fn h100(count: u32) -> FakeGpu {
+        FakeGpu::new(count, (0..110).map(|i| 345 + 15 * i).collect())
+    }
 
     #[test]
     fn locks_all_gpus_and_resets_on_drop() {
-        let gpu = Arc::new(SimGpu::h100(2));
+        let gpu = Arc::new(h100(2));
         let backend: Arc<dyn GpuBackend> = gpu.clone();
         {
             let mut keeper = ClockKeeper::new(backend.clone(), vec![0, 1]);
@@ -209,57 +214,57 @@ mod tests {
             }
             assert_eq!(keeper.applied(), ClockTarget::Locked(1200));
         }
-        assert_eq!(gpu.clock_mhz(), 1980, "dropping the keeper gave the clocks back to the driver");
+        assert_eq!(gpu.locked(0), None, "dropping the keeper gave the clocks back to the driver");
     }
 
     #[test]
     fn failed_lock_leaves_group_at_default() {
-        let gpu = Arc::new(SimGpu::h100(1));
+        let gpu = Arc::new(h100(1));
         let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
         assert!(keeper.apply(ClockTarget::Locked(1001)).is_err(), "1001 is no supported clock");
         assert_eq!(keeper.applied(), ClockTarget::Default);
-        assert_eq!(gpu.clock_mhz(), 1980, "driver-managed: boosts to the maximum under work");
+        assert_eq!(gpu.locked(0), None, "driver-managed: boosts to the maximum under work");
     }
 
     #[test]
     fn lock_and_reset_both_failing_leave_an_unknown_state_that_is_retried() {
-        let gpu = Arc::new(SimGpu::h100(1));
+        let gpu = Arc::new(h100(1));
         let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
-        gpu.inject(Fault::SetFails);
+        gpu.set_fault(FakeFault::NoPermission);
         assert!(keeper.apply(ClockTarget::Locked(1200)).is_err());
         assert!(!keeper.is_at(ClockTarget::Locked(1200)), "a failed lock is not recorded as held");
         assert!(!keeper.is_at(ClockTarget::Default), "nor is the reset that failed after it");
         assert_eq!(keeper.applied(), ClockTarget::Default, "reported as no lock of ours");
-        gpu.inject(Fault::None);
+        gpu.set_fault(FakeFault::None);
         keeper.apply(ClockTarget::Locked(1200)).expect("retried once the GPU accepts calls");
-        assert_eq!(gpu.clock_mhz(), 1200);
+        assert_eq!(gpu.locked(0), Some(1200));
         assert!(keeper.is_at(ClockTarget::Locked(1200)));
     }
 
     #[test]
     fn failed_move_between_locks_does_not_claim_the_new_clock() {
-        let gpu = Arc::new(SimGpu::h100(1));
+        let gpu = Arc::new(h100(1));
         let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
         keeper.apply(ClockTarget::Locked(1200)).expect("lock");
-        gpu.inject(Fault::SetFails);
+        gpu.set_fault(FakeFault::NoPermission);
         assert!(keeper.apply(ClockTarget::Locked(1500)).is_err());
         assert!(!keeper.is_at(ClockTarget::Locked(1500)));
-        gpu.inject(Fault::None);
+        gpu.set_fault(FakeFault::None);
         keeper.apply(ClockTarget::Locked(1500)).expect("retried");
-        assert_eq!(gpu.clock_mhz(), 1500);
+        assert_eq!(gpu.locked(0), Some(1500));
     }
 
     #[test]
     fn unknown_state_is_reset_on_drop() {
-        let gpu = Arc::new(SimGpu::h100(1));
+        let gpu = Arc::new(h100(1));
         {
             let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
             keeper.apply(ClockTarget::Locked(1200)).expect("lock");
-            gpu.inject(Fault::SetFails);
+            gpu.set_fault(FakeFault::NoPermission);
             assert!(keeper.apply(ClockTarget::Locked(1500)).is_err());
-            gpu.inject(Fault::None);
+            gpu.set_fault(FakeFault::None);
         }
-        assert_eq!(gpu.clock_mhz(), 1980, "dropping a keeper in an unknown state still resets");
+        assert_eq!(gpu.locked(0), None, "dropping a keeper in an unknown state still resets");
     }
 
     fn reading(mhz: u32, throttle: &[&str]) -> GpuSample {
@@ -272,7 +277,7 @@ mod tests {
 
     #[test]
     fn read_back_disagreeing_for_two_cycles_makes_the_lock_unknown() {
-        let gpu = Arc::new(SimGpu::h100(1));
+        let gpu = Arc::new(h100(1));
         let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
         keeper.apply(ClockTarget::Locked(1200)).expect("lock");
         assert!(!keeper.check_read_back(&[reading(1200, &[])]), "agrees");
@@ -286,7 +291,7 @@ mod tests {
 
     #[test]
     fn throttled_or_rounded_read_back_agrees_with_the_lock() {
-        let gpu = Arc::new(SimGpu::h100(1));
+        let gpu = Arc::new(h100(1));
         let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
         keeper.apply(ClockTarget::Locked(1500)).expect("lock");
         for _ in 0..5 {
@@ -299,7 +304,7 @@ mod tests {
 
     #[test]
     fn read_back_is_ignored_when_the_driver_has_the_clocks() {
-        let gpu = Arc::new(SimGpu::h100(1));
+        let gpu = Arc::new(h100(1));
         let mut keeper = ClockKeeper::new(gpu, vec![0]);
         for _ in 0..3 {
             assert!(!keeper.check_read_back(&[reading(345, &[])]));
@@ -309,14 +314,14 @@ mod tests {
 
     #[test]
     fn take_over_resets_a_lock_left_behind() {
-        let gpu = Arc::new(SimGpu::h100(1));
+        let gpu = Arc::new(h100(1));
         gpu.lock_sm_clock(0, 1200).expect("a lock left by a killed agent");
         let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
         keeper.take_over();
-        assert_eq!(gpu.clock_mhz(), 1980, "given back to the driver");
+        assert_eq!(gpu.locked(0), None, "given back to the driver");
         assert!(keeper.is_at(ClockTarget::Default));
 
-        gpu.inject(Fault::SetFails);
+        gpu.set_fault(FakeFault::NoPermission);
         let mut keeper = ClockKeeper::new(gpu.clone(), vec![0]);
         keeper.take_over();
         assert!(keeper.is_at(ClockTarget::Default), "a failed reset at start assumes driver clocks");

@@ -1,7 +1,7 @@
 //! Answers `agentctl` requests inside the decision loop. Changes made here live until the next
 //! config reload (SIGHUP or `agentctl reload`), which goes back to the file.
 
-use agentctl::{
+use proto::{
     ErrorKind, GovernorSummary, GpuStatus, ModelCmd, Request, Response, StatusReport, WindowSummary,
 };
 
@@ -25,10 +25,10 @@ impl Agent {
             Request::Status => Response::Status(Box::new(self.status_report())),
             Request::SetMode(mode) => {
                 let mode = match mode {
-                    agentctl::Mode::Slo => PolicyMode::Slo,
-                    agentctl::Mode::Edp => PolicyMode::Edp,
-                    agentctl::Mode::Observe => PolicyMode::Observe,
-                    agentctl::Mode::Default => PolicyMode::Default,
+                    proto::Mode::Slo => PolicyMode::Slo,
+                    proto::Mode::Edp => PolicyMode::Edp,
+                    proto::Mode::Observe => PolicyMode::Observe,
+                    proto::Mode::Default => PolicyMode::Default,
                 };
                 let mut policy = self.cfg.policy.clone();
                 policy.mode = mode;
@@ -116,7 +116,7 @@ impl Agent {
                 self.tuner.handle(cmd, &state_dir)
             }
             Request::Advice => match &self.status_read().advice {
-                Some(a) => Response::Advice(Box::new(a.report())),
+                Some(a) => Response::Advice(Box::new(super::advice_report::advice_report(a))),
                 None if self.cfg.advisor.enabled => failed("no advice yet: the advisor has not run a cycle"),
                 None => failed("the replica advisor is disabled (advisor.enabled = false in the config)"),
             },

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 use crate::config::{PolicyMode, PolicySection};
-use crate::governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation};
-use crate::store::{export_text, parse_export, Export, Store, SCHEMA_VERSION};
-use crate::vllm::Window;
+use governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation};
+use governor::store::{export_text, parse_export, Export, Store, SCHEMA_VERSION};
+use vllm_metrics::Window;
 
 /// Decisions between two saves of the governor's state.
 const SAVE_EVERY: u64 = 30;
@@ -30,7 +30,7 @@ impl Steering {
     /// Opens the store in `state_dir`; without one the governor still runs, unpersisted.
     pub fn new(clocks_mhz: Vec<u32>, gpu_model: String, state_dir: &Path, policy: PolicySection) -> Steering {
         let store = match std::fs::create_dir_all(state_dir).map_err(|e| e.to_string()).and_then(|()| {
-            Store::open(&state_dir.join("governor.sled")).map_err(|e| e.to_string())
+            Store::open(&state_dir.join("governor.sled")).map_err(|e| crate::error_chain(&e))
         }) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -76,13 +76,13 @@ impl Steering {
         if std::mem::take(&mut self.reset_pending) {
             match self.forget_stored(model) {
                 Ok(found) => info!(model, found, "--reset-model: stored governor state dropped"),
-                Err(e) => warn!(error = %e, "--reset-model: could not drop the stored state"),
+                Err(e) => warn!(error = %crate::error_chain(&e), "--reset-model: could not drop the stored state"),
             }
         }
         let restored = self.store.as_ref().and_then(|s| match s.load(&self.gpu_model, model) {
             Ok(state) => state,
             Err(e) => {
-                warn!(error = %e, "stored governor state unreadable; starting afresh");
+                warn!(error = %crate::error_chain(&e), "stored governor state unreadable; starting afresh");
                 None
             }
         });
@@ -93,7 +93,7 @@ impl Steering {
     }
 
     /// A governor for the current policy, continuing from `restored` when given.
-    fn build(&self, restored: Option<crate::governor::GovernorState>) -> Governor {
+    fn build(&self, restored: Option<governor::GovernorState>) -> Governor {
         let cfg = GovernorConfig { mode: Self::mode(&self.policy).unwrap_or(Mode::Observe), ..GovernorConfig::default() };
         let mut g = Governor::new(cfg, &self.clocks_mhz, restored);
         g.set_slo(self.policy.ttft_slo_seconds, self.policy.tpot_slo_seconds);
@@ -128,9 +128,9 @@ impl Steering {
         self.reset_pending = true;
     }
 
-    fn forget_stored(&self, model: &str) -> Result<bool, String> {
+    fn forget_stored(&self, model: &str) -> Result<bool, governor::store::StoreError> {
         match &self.store {
-            Some(s) => s.remove(&self.gpu_model, model).map_err(|e| e.to_string()),
+            Some(s) => s.remove(&self.gpu_model, model),
             None => Ok(false),
         }
     }
@@ -178,7 +178,7 @@ impl Steering {
         }
         let Some(store) = &self.store else { return };
         let Err(e) = store.save(&self.gpu_model, &model, &state) else { return };
-        warn!(error = %e, "saving the governor state failed; reopening the store to try again");
+        warn!(error = %crate::error_chain(&e), "saving the governor state failed; reopening the store to try again");
         let path = store.path().to_owned();
         self.store = None; // sled holds its lock until this handle is gone
         self.closed_store = Some(path.clone());
@@ -189,7 +189,7 @@ impl Steering {
         match store.save(&self.gpu_model, &model, &state) {
             Ok(()) => info!(path = %path.display(), "governor state saved after reopening the store"),
             Err(e) => {
-                warn!(error = %e, "saving the governor state failed again; will retry at the next save");
+                warn!(error = %crate::error_chain(&e), "saving the governor state failed again; will retry at the next save");
                 self.store = None;
                 self.closed_store = Some(path);
             }
@@ -207,7 +207,7 @@ impl Steering {
                 true
             }
             Err(e) => {
-                warn!(error = %e, "the state store cannot be opened again yet; will retry at the next save");
+                warn!(error = %crate::error_chain(&e), "the state store cannot be opened again yet; will retry at the next save");
                 false
             }
         }

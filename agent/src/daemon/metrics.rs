@@ -6,8 +6,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::governor::{Decision, Phase};
-use crate::gpu::GpuSample;
+use governor::{Decision, Phase};
+use gpu::GpuSample;
 
 /// Every phase, so the phase gauge always has the full set of series.
 const PHASES: [&str; 6] = [
@@ -18,7 +18,7 @@ const PHASES: [&str; 6] = [
     Phase::Observe.as_str(),
     Phase::Pinned.as_str(),
 ];
-use crate::vllm::Window;
+use vllm_metrics::Window;
 
 /// Every metric the agent exports, registered in one registry.
 pub struct AgentMetrics {
@@ -52,7 +52,7 @@ pub struct AgentMetrics {
     edp: Gauge,
     converged: IntGauge,
     /// The replica advisor's gauges.
-    pub advisor: crate::advisor::metrics::AdvisorMetrics,
+    pub advisor: advisor::metrics::AdvisorMetrics,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -169,7 +169,7 @@ impl AgentMetrics {
                 ))
             ),
             converged: reg!(r, IntGauge::with_opts(opts("governor_converged", "1 once the governor has settled on a clock."))),
-            advisor: crate::advisor::metrics::AdvisorMetrics::new(&r).expect("advisor metric definitions are valid"),
+            advisor: advisor::metrics::AdvisorMetrics::new(&r).expect("advisor metric definitions are valid"),
             registry: r,
         }
     }

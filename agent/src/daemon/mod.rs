@@ -6,8 +6,9 @@ mod control;
 pub mod governing;
 pub mod metrics;
 pub mod routes;
-pub mod simulate;
 pub mod systemd;
+mod tune;
+mod advice_report;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,10 +19,11 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use crate::backends;
 use crate::config::{Config, ConfigError, GpuBackendKind, PolicyMode};
-use crate::governor::Decision;
-use crate::gpu::{GpuBackend, GpuError, GpuInfo, GpuSample};
-use crate::vllm::{Scraper, Snapshot, Window};
+use governor::Decision;
+use gpu::{GpuBackend, GpuError, GpuInfo, GpuSample};
+use vllm_metrics::{Scraper, Snapshot, Window};
 use clocks::{ClockKeeper, ClockTarget};
 use metrics::AgentMetrics;
 
@@ -40,8 +42,8 @@ pub enum DaemonError {
     BadPin { mhz: u32, index: u32, min: u32, max: u32 },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
-    #[error("simulated vLLM failed to start: {0}")]
-    Simulation(String),
+    #[error(transparent)]
+    Backend(#[from] crate::backends::BackendError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
     #[error("cannot install signal handlers: {0}")]
@@ -86,7 +88,7 @@ pub struct Status {
     pub last_cycle: Option<Instant>,
     pub period_seconds: f64,
     /// The replica advisor's last advice; None while it is disabled.
-    pub advice: Option<crate::advisor::Advice>,
+    pub advice: Option<advisor::Advice>,
     /// Where the AIBrix-compatible endpoint answers; None while the advisor is disabled.
     #[serde(skip)]
     pub aibrix: Option<routes::AibrixTarget>,
@@ -108,10 +110,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
 
     // The simulation owns the simulated GPU, vLLM and load; it lives as long as the daemon.
-    let (gpu, _sim): (Arc<dyn GpuBackend>, Option<simulate::Simulation>) = if opts.simulate {
-        let sim = simulate::Simulation::start(cfg.gpu.indices.len())
-            .await
-            .map_err(DaemonError::Simulation)?;
+    let (gpu, _sim): (Arc<dyn GpuBackend>, Option<backends::Simulation>) = if opts.simulate {
+        let sim = backends::start_simulation(cfg.gpu.indices.len()).await?;
         cfg.gpu.backend = GpuBackendKind::Sim;
         cfg.gpu.indices = (0..cfg.gpu.indices.len() as u32).collect();
         cfg.vllm.metrics_url = sim.metrics_url();
@@ -125,7 +125,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         info!(url = %sim.base_url(), "simulated vLLM serving a built-in varying load");
         (sim.gpu(), Some(sim))
     } else {
-        (open_backend(&cfg)?, None)
+        (backends::open_gpu(cfg.gpu.backend, &cfg.gpu.indices)?, None)
     };
 
     let listener = crate::http::bind(cfg.agent.listen)
@@ -177,9 +177,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             }
             Some(call) = control_rx.recv() => {
                 let response = match call.request {
-                    agentctl::Request::Reload => match reload(&mut agent, &opts, &mut ticker) {
-                        Ok(msg) => agentctl::Response::Ok(msg),
-                        Err(msg) => agentctl::Response::Error { kind: agentctl::ErrorKind::Failed, message: msg },
+                    proto::Request::Reload => match reload(&mut agent, &opts, &mut ticker) {
+                        Ok(msg) => proto::Response::Ok(msg),
+                        Err(msg) => proto::Response::Error { kind: proto::ErrorKind::Failed, message: msg },
                     },
                     request => agent.handle_control(request),
                 };
@@ -243,16 +243,6 @@ fn reload(agent: &mut Agent, opts: &Options, ticker: &mut tokio::time::Interval)
     Ok(format!("config reloaded from {}", path.display()))
 }
 
-fn open_backend(cfg: &Config) -> Result<Arc<dyn GpuBackend>, DaemonError> {
-    Ok(match cfg.gpu.backend {
-        GpuBackendKind::Nvml => Arc::new(crate::gpu::nvml::NvmlGpu::open(&cfg.gpu.indices)?),
-        GpuBackendKind::Sim => {
-            let count = cfg.gpu.indices.iter().max().map_or(1, |m| m + 1);
-            Arc::new(crate::gpu::sim::SimGpu::free_running(count))
-        }
-    })
-}
-
 /// The decision loop's state: everything one cycle reads and writes.
 pub struct Agent {
     cfg: Config,
@@ -262,7 +252,7 @@ pub struct Agent {
     previous: Option<(Instant, Snapshot)>,
     last_energy: Vec<Option<f64>>,
     steering: governing::Steering,
-    advisor: Option<crate::advisor::Advisor>,
+    advisor: Option<advisor::Advisor>,
     /// Whether the last replicas_file read failed (logged once per failure streak).
     replicas_error: bool,
     /// The SM clocks the group supports (the advisor needs the highest).
@@ -273,7 +263,7 @@ pub struct Agent {
     pub metrics: Arc<AgentMetrics>,
     pub status: SharedStatus,
     /// `agentctl tune`: the trial launcher's study, run in the background.
-    tuner: crate::tuner::service::TuneService,
+    tuner: tune::TuneService,
 }
 
 impl Agent {
@@ -312,7 +302,7 @@ impl Agent {
         let steering = governing::Steering::new(clocks, gpu_model, &cfg.agent.state_dir, cfg.policy.clone());
         Ok(Self {
             steering,
-            advisor: cfg.advisor.enabled.then(|| crate::advisor::Advisor::new(cfg.advisor.clone())),
+            advisor: cfg.advisor.enabled.then(|| advisor::Advisor::new(cfg.advisor.clone())),
             replicas_error: false,
             max_clock_mhz,
             mode_before_pin: if cfg.policy.mode == PolicyMode::Pinned { PolicyMode::Slo } else { cfg.policy.mode },
@@ -324,7 +314,7 @@ impl Agent {
             gpu,
             metrics,
             status: Arc::new(RwLock::new(status)),
-            tuner: crate::tuner::service::TuneService::default(),
+            tuner: tune::TuneService::new(backends::in_process_servers()),
             cfg,
         })
     }
@@ -346,7 +336,7 @@ impl Agent {
         }
         match (&mut self.advisor, new.advisor.enabled) {
             (Some(a), true) => a.reconfigure(new.advisor.clone()),
-            (None, true) => self.advisor = Some(crate::advisor::Advisor::new(new.advisor.clone())),
+            (None, true) => self.advisor = Some(advisor::Advisor::new(new.advisor.clone())),
             (_, false) => self.advisor = None,
         }
         {
@@ -449,10 +439,10 @@ impl Agent {
     /// Feeds the cycle's window (None: vLLM did not answer), which ran at `window_clock`, to
     /// the replica advisor, which estimates the capacity at the clock now applied; records its
     /// gauges.
-    fn advise(&mut self, window: Option<&Window>, window_clock: ClockTarget) -> Option<crate::advisor::Advice> {
+    fn advise(&mut self, window: Option<&Window>, window_clock: ClockTarget) -> Option<advisor::Advice> {
         let gpu = self.status_read().gpus.first().map(|g| g.name.clone()).unwrap_or_default();
         let advisor = self.advisor.as_mut()?;
-        let replicas = match crate::advisor::current_replicas(advisor.config()) {
+        let replicas = match advisor::current_replicas(advisor.config()) {
             Ok(n) => {
                 self.replicas_error = false;
                 n
@@ -471,14 +461,14 @@ impl Agent {
             ClockTarget::Default => max,
         };
         let model = self.previous.as_ref().and_then(|(_, s)| s.model_names.first().cloned()).unwrap_or_default();
-        let ctx = crate::advisor::Context {
+        let ctx = advisor::Context {
             now_s: self.started.elapsed().as_secs_f64(),
             model: &model,
             gpu: &gpu,
             clock_mhz: mhz(self.clocks.applied()),
             window_clock_mhz: mhz(window_clock),
             max_clock_mhz: max,
-            objectives: crate::advisor::online::Objectives {
+            objectives: advisor::online::Objectives {
                 ttft_s: self.cfg.policy.ttft_slo_seconds,
                 tpot_s: self.cfg.policy.tpot_slo_seconds,
             },
@@ -582,7 +572,7 @@ const SUMMARY_EVERY_S: f64 = 10.0;
 
 /// One log line an operator (or a newcomer running `--simulate`) can read at a glance.
 fn summarise(w: Option<&Window>, samples: &[GpuSample], clock: ClockTarget) {
-    let ms = |l: &Option<crate::vllm::Latency>| {
+    let ms = |l: &Option<vllm_metrics::Latency>| {
         l.as_ref().and_then(|l| l.p50).map_or("-".to_string(), |v| format!("{:.0} ms", v * 1e3))
     };
     let vllm = match w {

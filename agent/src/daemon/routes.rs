@@ -43,7 +43,7 @@ fn aibrix(st: &super::Status, namespace: &str, deployment: &str) -> Reply {
         Some((a, s)) if !a.model.is_empty() => Reply {
             status: StatusCode::OK,
             content_type: PROMETHEUS_TEXT,
-            body: crate::advisor::metrics::deployment_replicas_text(&a.model, s.replicas, t.units_per_replica),
+            body: advisor::metrics::deployment_replicas_text(&a.model, s.replicas, t.units_per_replica),
         },
         _ => Reply::text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -116,7 +116,7 @@ impl Routes for AgentRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::advisor::{Advisor, Context};
+    use advisor::{Advisor, Context};
     use crate::config::AdvisorSection;
 
     fn status(replicas: Option<u32>) -> super::super::Status {
@@ -128,7 +128,7 @@ mod tests {
             clock_mhz: 1980.0,
             window_clock_mhz: 1980.0,
             max_clock_mhz: 1980.0,
-            objectives: crate::advisor::online::Objectives { ttft_s: 0.5, tpot_s: 0.05 },
+            objectives: advisor::online::Objectives { ttft_s: 0.5, tpot_s: 0.05 },
             replicas,
         };
         super::super::Status {

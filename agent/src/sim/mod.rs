@@ -1,3 +1,0 @@
-pub mod engine;
-pub mod load;
-pub mod server;

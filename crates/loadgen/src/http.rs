@@ -1,0 +1,304 @@
+//! HTTP load driver: streams `/v1/completions` requests at a schedule's arrival times and
+//! measures them the way `vllm bench serve` does, so it works against the simulator and a real vLLM.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::{debug, info};
+
+use crate::report::{LoadReport, RequestOutcome, RequestRate, Slo};
+use crate::schedule::{Arrival, Schedule};
+
+/// Token ids drawn for synthetic prompts: clear of special tokens, inside any common vocabulary.
+const TOKEN_IDS: std::ops::Range<u32> = 1000..30000;
+
+/// Prefix-cache group id sent when requests share a prefix.
+const SHARED_PREFIX_ID: u64 = 1;
+
+/// A run that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("invalid server URL `{url}`: {message}")]
+    Url { url: String, message: String },
+}
+
+/// Knobs of a load run.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// At most this many requests in flight; later arrivals wait (`--max-concurrency`).
+    pub max_concurrency: Option<usize>,
+    /// Stop sending at this point and cancel what is still running (counted as failed).
+    pub deadline: Option<Duration>,
+    /// Objectives for `request_goodput`.
+    pub slo: Slo,
+    /// When > 0, every prompt starts with the same this many tokens (prefix-cache sharing).
+    pub shared_prefix_tokens: u32,
+}
+
+/// Sends `schedule`'s arrivals (one pass) to `url_base` (e.g. `http://127.0.0.1:8000`) and
+/// reports. Each request is its own task; the same seed sends the same requests.
+pub async fn run_http(
+    url_base: &str,
+    model: &str,
+    schedule: &Schedule,
+    seed: u64,
+    opts: &LoadOptions,
+) -> Result<LoadReport, LoadError> {
+    let url = format!("{}/v1/completions", url_base.trim_end_matches('/'));
+    let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| LoadError::Url {
+        url: url_base.to_string(),
+        message: e.to_string(),
+    })?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(LoadError::Url { url: url_base.to_string(), message: "expected http://HOST:PORT".into() });
+    }
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let limiter = opts.max_concurrency.map(|n| Arc::new(Semaphore::new(n.max(1))));
+    let prefix_ids: Arc<Vec<u32>> = {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f9e_f1c5);
+        Arc::new((0..opts.shared_prefix_tokens).map(|_| rng.random_range(TOKEN_IDS)).collect())
+    };
+
+    let start = Instant::now();
+    let deadline = opts.deadline.map(|d| start + d);
+    let mut tasks: JoinSet<RequestOutcome> = JoinSet::new();
+    let mut outcomes = Vec::new();
+    let mut sent = 0u64;
+    for (i, arrival) in schedule.arrivals(seed).enumerate() {
+        let at = start + Duration::from_secs_f64(arrival.at_s);
+        if deadline.is_some_and(|d| at >= d) {
+            break;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        // Reap finished tasks as we go so a long run does not hold every outcome in the JoinSet.
+        while let Some(done) = tasks.try_join_next() {
+            outcomes.push(done.unwrap_or_else(|e| RequestOutcome::failed(0, format!("request task failed: {e}"))));
+        }
+        let body = request_body(model, &arrival, seed.wrapping_add(i as u64), &prefix_ids);
+        let (client, uri, limiter) = (client.clone(), uri.clone(), limiter.clone());
+        sent += 1;
+        tasks.spawn(async move {
+            // Held until the request ends; as vLLM's bench, the clock starts once a slot is free.
+            let _permit = match limiter {
+                Some(s) => s.acquire_owned().await.ok(),
+                None => None,
+            };
+            send_one(&client, uri, body, arrival.prompt_tokens).await
+        });
+    }
+    info!(sent, "all arrivals sent, waiting for the last responses");
+
+    loop {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), tasks.join_next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+            None => tasks.join_next().await,
+        };
+        match next {
+            Some(done) => {
+                outcomes.push(done.unwrap_or_else(|e| RequestOutcome::failed(0, format!("request task failed: {e}"))))
+            }
+            None => break,
+        }
+    }
+    let cancelled = tasks.len();
+    tasks.abort_all();
+    for _ in 0..cancelled {
+        outcomes.push(RequestOutcome::failed(0, "cancelled at the run's deadline"));
+    }
+    let duration = start.elapsed().as_secs_f64();
+    let rate = if schedule.is_infinite_rate() {
+        RequestRate::Infinite
+    } else if schedule.duration_s() > 0.0 {
+        RequestRate::PerSecond(schedule.expected_requests() / schedule.duration_s())
+    } else {
+        RequestRate::PerSecond(0.0)
+    };
+    Ok(LoadReport::from_outcomes(&outcomes, duration, rate, opts.max_concurrency, &opts.slo))
+}
+
+/// A streaming completion request. The prompt is token ids (exact length on any server), with
+/// the simulator's `prompt_tokens` / `prefix_id` extensions that vLLM ignores.
+fn request_body(model: &str, a: &Arrival, seed: u64, prefix: &[u32]) -> Bytes {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = a.prompt_tokens as usize;
+    let shared = prefix.len().min(n);
+    let mut ids: Vec<u32> = prefix[..shared].to_vec();
+    ids.extend((shared..n).map(|_| rng.random_range(TOKEN_IDS)));
+    let mut body = serde_json::json!({
+        "model": model,
+        "prompt": ids,
+        "max_tokens": a.max_tokens,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "ignore_eos": true,
+        "temperature": 0.0,
+        "prompt_tokens": a.prompt_tokens,
+    });
+    if shared > 0 {
+        body["prefix_id"] = SHARED_PREFIX_ID.into();
+        body["prefix_tokens"] = shared.into();
+    }
+    Bytes::from(body.to_string())
+}
+
+/// Sends one request and reads its SSE stream.
+async fn send_one(client: &Client<HttpConnector, Full<Bytes>>, uri: Uri, body: Bytes, prompt_tokens: u32) -> RequestOutcome {
+    let req = match Request::post(uri)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+    {
+        Ok(r) => r,
+        Err(e) => return RequestOutcome::failed(prompt_tokens, format!("building request: {e}")),
+    };
+    let st = Instant::now();
+    let resp = match client.request(req).await {
+        Ok(r) => r,
+        Err(e) => return RequestOutcome::failed(prompt_tokens, format!("connection: {e}")),
+    };
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if status != StatusCode::OK {
+        let text = match body.collect().await {
+            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).chars().take(200).collect::<String>(),
+            Err(_) => String::new(),
+        };
+        return RequestOutcome::failed(prompt_tokens, format!("HTTP {}: {}", status.as_u16(), text.trim()));
+    }
+    let mut sse = SseReader::default();
+    let mut out = RequestOutcome { prompt_tokens, ..Default::default() };
+    let mut last: Option<Instant> = None;
+    let mut text_chunks = 0u32;
+    let mut usage_tokens: Option<u32> = None;
+    let mut done = false;
+    while !done {
+        let frame = match body.frame().await {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return RequestOutcome::failed(prompt_tokens, format!("stream broke: {e}")),
+            None => break,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let now = Instant::now();
+        for event in sse.push(&data) {
+            if event == "[DONE]" {
+                done = true;
+                break;
+            }
+            let v: serde_json::Value = match serde_json::from_str(&event) {
+                Ok(v) => v,
+                Err(e) => return RequestOutcome::failed(prompt_tokens, format!("bad chunk JSON: {e}")),
+            };
+            if let Some(n) = v.pointer("/usage/completion_tokens").and_then(serde_json::Value::as_u64) {
+                usage_tokens = Some(u32::try_from(n).unwrap_or(u32::MAX));
+            }
+            let has_text = v
+                .pointer("/choices/0/text")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|t| !t.is_empty());
+            if has_text {
+                match last {
+                    None => out.ttft = (now - st).as_secs_f64(),
+                    Some(prev) => out.itl.push((now - prev).as_secs_f64()),
+                }
+                last = Some(now);
+                text_chunks += 1;
+            }
+        }
+    }
+    let Some(last) = last else {
+        return RequestOutcome::failed(prompt_tokens, "never received a token");
+    };
+    if !done {
+        return RequestOutcome::failed(prompt_tokens, "stream ended without [DONE]");
+    }
+    out.e2el = (last - st).as_secs_f64();
+    out.output_tokens = usage_tokens.unwrap_or(text_chunks);
+    out.success = true;
+    debug!(ttft = out.ttft, e2el = out.e2el, tokens = out.output_tokens, "request done");
+    out
+}
+
+/// Splits a byte stream into SSE `data:` payloads.
+#[derive(Debug, Default)]
+struct SseReader {
+    buf: String,
+}
+
+impl SseReader {
+    fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.buf.push_str(&String::from_utf8_lossy(bytes));
+        let mut events = Vec::new();
+        while let Some(end) = self.buf.find("\n\n") {
+            let block: String = self.buf.drain(..end + 2).collect();
+            for line in block.lines() {
+                if let Some(payload) = line.strip_prefix("data:") {
+                    events.push(payload.trim().to_string());
+                }
+            }
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_reader_splits_across_frames() {
+        let mut r = SseReader::default();
+        assert!(r.push(b"data: {\"a\":1}\n").is_empty());
+        assert_eq!(r.push(b"\ndata: {\"b\"").as_slice(), ["{\"a\":1}"]);
+        assert_eq!(r.push(b":2}\n\ndata: [DONE]\n\n").as_slice(), ["{\"b\":2}", "[DONE]"]);
+    }
+
+    #[test]
+    fn request_body_has_exact_prompt_and_shared_prefix() {
+        let a = Arrival { at_s: 0.0, prompt_tokens: 50, max_tokens: 7 };
+        let prefix = vec![5u32; 20];
+        let b1: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 1, &prefix)).expect("json");
+        let b2: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 2, &prefix)).expect("json");
+        let ids = b1["prompt"].as_array().expect("array");
+        let ids2 = b2["prompt"].as_array().expect("array");
+        assert_eq!(ids.len(), 50);
+        assert_eq!(b1["prompt_tokens"], 50);
+        assert_eq!(b1["max_tokens"], 7);
+        assert_eq!(b1["ignore_eos"], true);
+        assert_eq!(b1["prefix_tokens"], 20);
+        assert_eq!(ids[..20], ids2[..20]);
+        assert_ne!(ids[20..], ids2[20..]);
+        let none: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 1, &[])).expect("json");
+        assert!(none.get("prefix_id").is_none());
+    }
+
+    #[tokio::test]
+    async fn bad_url_is_an_error() {
+        let s = Schedule::infinite_rate(1, crate::LengthDist::Fixed(1), crate::LengthDist::Fixed(1));
+        let e = run_http("localhost:80", "m", &s, 0, &LoadOptions::default()).await.expect_err("must fail");
+        assert!(e.to_string().contains("localhost:80"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_counts_failures() {
+        // Bind then drop a listener to get a port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let s = Schedule::infinite_rate(3, crate::LengthDist::Fixed(4), crate::LengthDist::Fixed(2));
+        let r = run_http(&format!("http://127.0.0.1:{port}"), "m", &s, 0, &LoadOptions::default()).await.expect("run");
+        assert_eq!((r.num_prompts, r.completed, r.failed), (3, 0, 3));
+        assert!(r.errors[0].starts_with("connection"), "{:?}", r.errors);
+    }
+}

@@ -1,0 +1,9 @@
+//! Load generation: schedules of arrivals and an HTTP driver that reports like `vllm bench serve`.
+
+pub mod http;
+pub mod report;
+pub mod schedule;
+
+pub use http::{run_http, LoadError, LoadOptions};
+pub use report::{LoadReport, RequestOutcome, RequestRate, Slo};
+pub use schedule::{Arrival, Arrivals, LengthDist, Pace, Schedule, ScheduleError, Segment};

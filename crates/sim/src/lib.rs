@@ -1,0 +1,15 @@
+//! The simulator: a simulated H100 ([`gpu`]) whose speed and power follow real measurements,
+//! a simulated vLLM engine on it ([`engine`]), an OpenAI-compatible HTTP server for that engine
+//! ([`server`], the `vllm-sim` binary), the whole demo world of `gpu-agent --simulate`
+//! ([`world`]), and the tuner's virtual-time trial server ([`tune`]). Both servers read vLLM's
+//! flags through one mapping ([`flags`]).
+//!
+//! Nothing in production depends on this crate: the daemon links it only with its `simulate`
+//! feature (`tests/tests/dependencies.rs`).
+
+pub mod engine;
+pub mod flags;
+pub mod gpu;
+pub mod server;
+pub mod tune;
+pub mod world;

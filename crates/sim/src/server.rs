@@ -1,0 +1,834 @@
+//! The simulated engine served in real time behind a vLLM-compatible HTTP API (hyper 1).
+//!
+//! One engine task owns the stepping: it runs a scheduler step, sleeps until the wall clock
+//! reaches the step's end in virtual time (so latencies seen by clients are real), then hands
+//! the step's token events to per-request channels. While idle it keeps the engine's virtual
+//! clock level with the wall clock, so idle energy and gauges stay truthful.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{watch, Notify};
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, info, warn};
+
+use crate::engine::{Engine, EngineConfig, EngineStats, FinishReason, RequestId, SimError, SimRequest, TokenEvent};
+use crate::gpu::SimGpu;
+
+/// Prometheus' text exposition content type, as vLLM serves it.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Default `max_tokens` of `/v1/completions` (OpenAI's and vLLM's).
+pub const DEFAULT_MAX_TOKENS: u32 = 16;
+
+/// Largest request body accepted.
+const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// How often an idle engine's clock is brought level with the wall clock.
+const IDLE_TICK: Duration = Duration::from_millis(50);
+
+/// How long shutdown waits for open connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Words the simulated model "generates", one per token.
+const FILLER: [&str; 8] = [" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy"];
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Engine(#[from] SimError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running simulated vLLM server.
+pub struct SimServer {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    accept_task: JoinHandle<()>,
+    engine_task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for SimServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimServer").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl SimServer {
+    /// Builds the engine (failing like vLLM when memory does not fit, before binding), binds
+    /// `addr` and starts serving.
+    pub async fn start(cfg: EngineConfig, gpu: Arc<SimGpu>, addr: SocketAddr) -> Result<SimServer, ServerError> {
+        let model = cfg.model_name.clone();
+        let max_model_len = cfg.max_model_len;
+        let engine = Engine::new(cfg, gpu)?;
+        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+        // Line the engine's virtual clock up with the wall clock from here on.
+        let now = Instant::now();
+        let epoch = now.checked_sub(Duration::from_secs_f64(engine.now().max(0.0))).unwrap_or(now);
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core { engine, subscribers: HashMap::new(), closed: false }),
+            wake: Notify::new(),
+            epoch,
+            model,
+            max_model_len,
+            created: unix_now(),
+        });
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let engine_task = tokio::spawn(drive_engine(shared.clone(), shutdown_rx.clone()));
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        info!(%local_addr, model = %shared.model, "simulated vLLM server listening");
+        Ok(SimServer { local_addr, shared, shutdown_tx, accept_task, engine_task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The name requests must use in `model`.
+    pub fn model(&self) -> &str {
+        &self.shared.model
+    }
+
+    /// Queue and cache state right now.
+    pub fn stats(&self) -> EngineStats {
+        self.shared.lock().engine.stats()
+    }
+
+    /// The `/metrics` text, as a scrape would see it now.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics_text()
+    }
+
+    /// Stops accepting, ends in-flight requests (their streams stop without `[DONE]`) and waits
+    /// for the tasks to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        if let Err(e) = self.engine_task.await {
+            warn!(error = %e, "engine task ended abnormally");
+        }
+        if let Err(e) = self.accept_task.await {
+            warn!(error = %e, "accept task ended abnormally");
+        }
+        info!("simulated vLLM server stopped");
+    }
+}
+
+/// The engine plus who waits for which request's tokens.
+struct Core {
+    engine: Engine,
+    subscribers: HashMap<RequestId, UnboundedSender<TokenEvent>>,
+    /// Set at shutdown: no more submissions.
+    closed: bool,
+}
+
+/// State shared by the engine task and the HTTP handlers.
+struct Shared {
+    core: Mutex<Core>,
+    /// Wakes the idle engine task on submission.
+    wake: Notify,
+    /// Wall-clock instant of virtual time 0.
+    epoch: Instant,
+    model: String,
+    max_model_len: u32,
+    created: u64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wall time since start, in the engine's virtual seconds.
+    fn wall_now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut core = self.lock();
+        if !core.engine.has_work() {
+            core.engine.idle_until(self.wall_now());
+        }
+        core.engine.metrics_text()
+    }
+
+    /// Submits a request; its events arrive on the returned channel. `None` after shutdown.
+    fn submit(self: &Arc<Self>, req: SimRequest) -> Option<(RequestGuard, UnboundedReceiver<TokenEvent>)> {
+        let mut core = self.lock();
+        if core.closed {
+            return None;
+        }
+        // An idle engine's clock may lag the wall clock by up to IDLE_TICK; the request
+        // arrives now.
+        if !core.engine.has_work() {
+            core.engine.idle_until(self.wall_now());
+        }
+        let id = core.engine.submit(req);
+        let (tx, rx) = unbounded_channel();
+        core.subscribers.insert(id, tx);
+        drop(core);
+        self.wake.notify_one();
+        Some((RequestGuard { shared: self.clone(), id, finished: false }, rx))
+    }
+
+    /// Hands one step's events to their requests; aborts requests whose client has gone.
+    fn deliver(&self, events: Vec<TokenEvent>) {
+        let mut core = self.lock();
+        let mut gone = Vec::new();
+        for ev in events {
+            let (id, last) = match ev {
+                TokenEvent::First { id } | TokenEvent::Token { id } => (id, false),
+                TokenEvent::Finished { id, .. } => (id, true),
+            };
+            if let Some(tx) = core.subscribers.get(&id) {
+                if tx.send(ev).is_err() && !last {
+                    gone.push(id);
+                }
+            }
+            if last {
+                core.subscribers.remove(&id);
+            }
+        }
+        for id in gone {
+            debug!(id, "client gone, aborting request");
+            core.subscribers.remove(&id);
+            core.engine.abort(id);
+        }
+    }
+}
+
+/// Aborts its request in the engine when dropped before the request finished (client
+/// disconnected, handler cancelled).
+struct RequestGuard {
+    shared: Arc<Shared>,
+    id: RequestId,
+    finished: bool,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut core = self.shared.lock();
+            if core.subscribers.remove(&self.id).is_some() {
+                debug!(id = self.id, "request dropped before finishing, aborting");
+                core.engine.abort(self.id);
+            }
+        }
+    }
+}
+
+/// The engine task: step, sleep the step's real duration, deliver; idle-advance otherwise.
+async fn drive_engine(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let stepped = {
+            let mut core = shared.lock();
+            if core.engine.has_work() {
+                core.engine.step().map(|r| (r, core.engine.now()))
+            } else {
+                None
+            }
+        };
+        match stepped {
+            Some((report, now)) => {
+                let due = shared.epoch + Duration::from_secs_f64(now.max(0.0));
+                if due <= Instant::now() {
+                    // Behind the wall clock (or a zero-length step): catch up, but let other
+                    // tasks run between steps.
+                    tokio::task::yield_now().await;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = shutdown.changed() => break,
+                }
+                shared.deliver(report.events);
+            }
+            None => {
+                {
+                    let mut core = shared.lock();
+                    if !core.engine.has_work() {
+                        core.engine.idle_until(shared.wall_now());
+                    }
+                }
+                tokio::select! {
+                    _ = shared.wake.notified() => {}
+                    _ = tokio::time::sleep(IDLE_TICK) => {}
+                    _ = shutdown.changed() => break,
+                }
+            }
+        }
+    }
+    // Dropping the senders ends every waiting handler and stream.
+    let mut core = shared.lock();
+    core.closed = true;
+    core.subscribers.clear();
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                // Token chunks are tiny: send them at once.
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                let mut stop = shutdown.clone();
+                conns.spawn(async move {
+                    let svc = service_fn(move |req| handle(shared.clone(), req));
+                    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    let result = tokio::select! {
+                        r = conn.as_mut() => r,
+                        _ = stop.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    };
+                    if let Err(e) = result {
+                        debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, async { while conns.join_next().await.is_some() {} }).await.is_err() {
+        conns.abort_all();
+    }
+}
+
+type RespBody = BoxBody<Bytes, Infallible>;
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<RespBody> {
+    let mut resp = Response::new(Full::new(body.into()).boxed());
+    *resp.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn json_resp(status: StatusCode, v: &Value) -> Response<RespBody> {
+    full(status, "application/json", v.to_string())
+}
+
+/// vLLM's OpenAI-style error body.
+fn error_resp(status: StatusCode, kind: &str, message: impl Into<String>) -> Response<RespBody> {
+    let message = message.into();
+    json_resp(status, &json!({"object": "error", "message": message, "type": kind, "param": null, "code": status.as_u16()}))
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = match (req.method(), path.as_str()) {
+        (&Method::GET, "/metrics") => full(StatusCode::OK, METRICS_CONTENT_TYPE, shared.metrics_text()),
+        (&Method::GET, "/health") => full(StatusCode::OK, "application/json", Bytes::new()),
+        (&Method::GET, "/v1/models") => json_resp(StatusCode::OK, &models_json(&shared)),
+        (&Method::POST, "/v1/completions") => completions(shared, req).await,
+        (_, "/metrics" | "/health" | "/v1/models" | "/v1/completions") => {
+            json_resp(StatusCode::METHOD_NOT_ALLOWED, &json!({"detail": "Method Not Allowed"}))
+        }
+        _ => json_resp(StatusCode::NOT_FOUND, &json!({"detail": "Not Found"})),
+    };
+    Ok(resp)
+}
+
+fn models_json(shared: &Shared) -> Value {
+    json!({
+        "object": "list",
+        "data": [{
+            "id": shared.model,
+            "object": "model",
+            "created": shared.created,
+            "owned_by": "vllm",
+            "root": shared.model,
+            "parent": null,
+            "max_model_len": shared.max_model_len,
+            "permission": [],
+        }]
+    })
+}
+
+/// `/v1/completions` body: the OpenAI fields the simulator uses plus its extensions.
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    #[serde(default)]
+    model: Option<String>,
+    prompt: Value,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    /// Accepted for compatibility; the simulator never stops early.
+    #[serde(default)]
+    #[allow(dead_code)]
+    ignore_eos: bool,
+    /// Extension: exact prompt length, overriding what the prompt implies.
+    #[serde(default)]
+    prompt_tokens: Option<u32>,
+    /// Extension: requests with the same id share a cached prefix.
+    #[serde(default)]
+    prefix_id: Option<u64>,
+    /// Extension: length of the shared prefix (default: the whole prompt).
+    #[serde(default)]
+    prefix_tokens: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Token count a prompt stands for: ids count one each, text about four characters a token.
+fn prompt_len(prompt: &Value) -> Result<u32, String> {
+    match prompt {
+        Value::String(s) => Ok(u32::try_from(s.chars().count() / 4).unwrap_or(u32::MAX).max(1)),
+        Value::Array(items) if items.is_empty() => Err("prompt must not be empty".into()),
+        Value::Array(items) if items.iter().all(|v| v.as_u64().is_some()) => {
+            Ok(u32::try_from(items.len()).unwrap_or(u32::MAX))
+        }
+        // A batch of one prompt, as clients sometimes send.
+        Value::Array(items) if items.len() == 1 => prompt_len(&items[0]),
+        Value::Array(_) => Err("prompt must be a string or an array of token ids (batched prompts are not supported)".into()),
+        _ => Err("prompt must be a string or an array of token ids".into()),
+    }
+}
+
+async fn completions(shared: Arc<Shared>, req: Request<Incoming>) -> Response<RespBody> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", format!("could not read request body: {e}"))
+        }
+    };
+    let body: CompletionRequest = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        Err(e) => return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", format!("invalid JSON body: {e}")),
+    };
+    if let Some(m) = body.model.as_deref() {
+        if m != shared.model {
+            return error_resp(StatusCode::NOT_FOUND, "NotFoundError", format!("The model `{m}` does not exist."));
+        }
+    }
+    let prompt_tokens = match body.prompt_tokens {
+        Some(0) => return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", "prompt_tokens must be at least 1"),
+        Some(n) => n,
+        None => match prompt_len(&body.prompt) {
+            Ok(n) => n,
+            Err(msg) => return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", msg),
+        },
+    };
+    let max_tokens = body.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    if max_tokens == 0 {
+        return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", "max_tokens must be at least 1, got 0.");
+    }
+    let total = u64::from(prompt_tokens) + u64::from(max_tokens);
+    if total > u64::from(shared.max_model_len) {
+        return error_resp(
+            StatusCode::BAD_REQUEST,
+            "BadRequestError",
+            format!(
+                "This model's maximum context length is {} tokens. However, you requested {total} tokens \
+                 ({prompt_tokens} in the messages, {max_tokens} in the completion). Please reduce the length \
+                 of the messages or completion.",
+                shared.max_model_len
+            ),
+        );
+    }
+    let sim_req = SimRequest {
+        prompt_tokens,
+        max_tokens,
+        prefix_id: body.prefix_id,
+        prefix_tokens: if body.prefix_id.is_some() {
+            body.prefix_tokens.unwrap_or(prompt_tokens).min(prompt_tokens)
+        } else {
+            0
+        },
+    };
+    let Some((guard, rx)) = shared.submit(sim_req) else {
+        return error_resp(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "server is shutting down");
+    };
+    let ctx = ChunkCtx {
+        id: format!("cmpl-{}", guard.id),
+        created: unix_now(),
+        model: shared.model.clone(),
+        prompt_tokens,
+        max_tokens,
+    };
+    if body.stream {
+        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+        let sse = SseBody { rx, guard, ctx, include_usage, tokens: 0, reason_sent: false, pending: Vec::new(), ended: false };
+        let mut resp = Response::new(sse.boxed());
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        resp
+    } else {
+        wait_whole(guard, rx, ctx).await
+    }
+}
+
+/// What every chunk of one completion repeats.
+struct ChunkCtx {
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: u32,
+    max_tokens: u32,
+}
+
+impl ChunkCtx {
+    fn usage(&self, completion: u32) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        })
+    }
+
+    fn chunk(&self, text: &str, finish: Option<&str>) -> Bytes {
+        let v = json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}],
+        });
+        Bytes::from(format!("data: {v}\n\n"))
+    }
+}
+
+fn reason_str(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        FinishReason::Abort => "abort",
+    }
+}
+
+/// Non-streaming: wait for the end and answer with one completion object.
+async fn wait_whole(mut guard: RequestGuard, mut rx: UnboundedReceiver<TokenEvent>, ctx: ChunkCtx) -> Response<RespBody> {
+    let mut tokens = 0u32;
+    let reason = loop {
+        match rx.recv().await {
+            Some(TokenEvent::First { .. } | TokenEvent::Token { .. }) => tokens += 1,
+            Some(TokenEvent::Finished { reason, .. }) => break reason,
+            None => {
+                return error_resp(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "server is shutting down")
+            }
+        }
+    };
+    guard.finished = true;
+    let text: String = (0..tokens).map(|i| FILLER[i as usize % FILLER.len()]).collect();
+    json_resp(
+        StatusCode::OK,
+        &json!({
+            "id": ctx.id,
+            "object": "text_completion",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": reason_str(reason), "stop_reason": null}],
+            "usage": ctx.usage(tokens),
+        }),
+    )
+}
+
+/// Streaming body: one SSE chunk per token, then an optional usage chunk and `[DONE]`.
+/// Dropping it (client gone) aborts the request through its guard.
+struct SseBody {
+    rx: UnboundedReceiver<TokenEvent>,
+    guard: RequestGuard,
+    ctx: ChunkCtx,
+    include_usage: bool,
+    tokens: u32,
+    /// Whether a chunk already carried the finish reason.
+    reason_sent: bool,
+    /// Frames ready to send, in reverse order (popped from the end).
+    pending: Vec<Bytes>,
+    ended: bool,
+}
+
+impl SseBody {
+    fn on_event(&mut self, ev: TokenEvent) {
+        let mut out = Vec::new();
+        match ev {
+            TokenEvent::First { .. } | TokenEvent::Token { .. } => {
+                let word = FILLER[self.tokens as usize % FILLER.len()];
+                self.tokens += 1;
+                let last = self.tokens >= self.ctx.max_tokens;
+                self.reason_sent |= last;
+                out.push(self.ctx.chunk(word, last.then_some("length")));
+            }
+            TokenEvent::Finished { reason, .. } => {
+                self.guard.finished = true;
+                if !self.reason_sent {
+                    out.push(self.ctx.chunk("", Some(reason_str(reason))));
+                }
+                if self.include_usage {
+                    let v = json!({
+                        "id": self.ctx.id,
+                        "object": "text_completion",
+                        "created": self.ctx.created,
+                        "model": self.ctx.model,
+                        "choices": [],
+                        "usage": self.ctx.usage(self.tokens),
+                    });
+                    out.push(Bytes::from(format!("data: {v}\n\n")));
+                }
+                out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                self.ended = true;
+            }
+        }
+        out.reverse();
+        out.append(&mut self.pending);
+        self.pending = out;
+    }
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        loop {
+            if let Some(b) = self.pending.pop() {
+                return Poll::Ready(Some(Ok(Frame::data(b))));
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(ev)) => self.on_event(ev),
+                // Engine stopped: end the stream without [DONE] so the client sees it cut short.
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loadgen::{run_http, LengthDist, LoadOptions, Schedule};
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn gpu() -> Arc<SimGpu> {
+        Arc::new(SimGpu::h100(1))
+    }
+
+    async fn start() -> SimServer {
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        SimServer::start(EngineConfig::default(), gpu(), addr).await.expect("server starts")
+    }
+
+    /// One request; returns status, content type and body text.
+    async fn call(server: &SimServer, method: Method, path: &str, body: &str) -> (StatusCode, String, String) {
+        let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", server.local_addr()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        let resp = client.request(req).await.expect("response");
+        let status = resp.status();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, ct, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn successes(metrics: &str) -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("vllm:request_success_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_load_and_vllm_endpoints() {
+        let server = start().await;
+        let model = server.model().to_string();
+
+        let (status, _, body) = call(&server, Method::GET, "/health", "").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+        let (status, _, body) = call(&server, Method::GET, "/v1/models", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let v: Value = serde_json::from_str(&body).expect("models json");
+        assert_eq!(v["data"][0]["id"], model.as_str());
+
+        let (status, ct, before) = call(&server, Method::GET, "/metrics", "").await;
+        assert_eq!((status, ct.as_str()), (StatusCode::OK, METRICS_CONTENT_TYPE));
+        let before = successes(&before);
+
+        let schedule = Schedule::constant(1.5, 4.0, LengthDist::Fixed(64), LengthDist::Uniform { lo: 4, hi: 12 });
+        let expected: Vec<_> = schedule.arrivals(11).collect();
+        assert!(!expected.is_empty(), "the seed gives some arrivals");
+        let opts = LoadOptions { deadline: Some(Duration::from_secs(8)), ..Default::default() };
+        let url = format!("http://{}", server.local_addr());
+        let report = run_http(&url, &model, &schedule, 11, &opts).await.expect("load run");
+        assert_eq!(report.num_prompts, expected.len() as u64, "{report:?}");
+        assert_eq!(report.completed, report.num_prompts, "{:?}", report.errors);
+        assert_eq!(report.failed, 0);
+        let want_out: u64 = expected.iter().map(|a| u64::from(a.max_tokens)).sum();
+        assert_eq!(report.total_output_tokens, want_out);
+        assert_eq!(report.total_input_tokens, 64 * expected.len() as u64);
+        assert!(report.mean_ttft_ms > 0.0 && report.mean_e2el_ms >= report.mean_ttft_ms, "{report:?}");
+        assert!(report.mean_itl_ms > 0.0 && report.mean_tpot_ms > 0.0, "{report:?}");
+
+        let (_, _, after) = call(&server, Method::GET, "/metrics", "").await;
+        let after = successes(&after);
+        assert!(after >= before + expected.len() as f64, "request_success_total {before} -> {after}");
+
+        // Non-streaming answer with usage.
+        let req = json!({"model": model, "prompt": "hello there, simulated model", "max_tokens": 5});
+        let (status, _, body) = call(&server, Method::POST, "/v1/completions", &req.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("completion json");
+        assert_eq!(v["usage"]["completion_tokens"], 5);
+        assert_eq!(v["usage"]["prompt_tokens"], 7);
+        assert_eq!(v["usage"]["total_tokens"], 12);
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+        assert!(!v["choices"][0]["text"].as_str().unwrap_or_default().is_empty());
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rejects_bad_requests_like_vllm() {
+        let server = start().await;
+        let (status, _, body) =
+            call(&server, Method::POST, "/v1/completions", r#"{"model":"nope","prompt":"hi"}"#).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let v: Value = serde_json::from_str(&body).expect("error json");
+        assert_eq!(v["message"], "The model `nope` does not exist.");
+        assert_eq!(v["code"], 404);
+
+        let (status, _, body) = call(&server, Method::POST, "/v1/completions", "{\"prompt\": ").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("invalid JSON body"), "{body}");
+
+        for bad in [
+            json!({"prompt": []}),
+            json!({"prompt": {"a": 1}}),
+            json!({"prompt": "x", "max_tokens": 0}),
+            json!({"prompt": [1, 2], "max_tokens": 9000}),
+            json!({"max_tokens": 3}),
+        ] {
+            let (status, _, body) = call(&server, Method::POST, "/v1/completions", &bad.to_string()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad} -> {body}");
+        }
+        let (status, _, _) = call(&server, Method::GET, "/v1/completions", "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        let (status, _, _) = call(&server, Method::GET, "/nowhere", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        server.shutdown().await;
+    }
+
+    async fn in_engine(server: &SimServer) -> u32 {
+        let s = server.stats();
+        s.running + s.waiting
+    }
+
+    /// Sends a long request over a raw socket, waits until the engine has it, hangs up, and
+    /// expects the engine to drop it long before it could have finished.
+    async fn hang_up_mid_request(server: &SimServer, stream: bool) {
+        let body = json!({"prompt": [1, 2, 3, 4], "max_tokens": 5000, "stream": stream}).to_string();
+        let mut sock = tokio::net::TcpStream::connect(server.local_addr()).await.expect("connect");
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(head.as_bytes()).await.expect("send");
+        if stream {
+            let mut buf = vec![0u8; 4096];
+            let mut got = String::new();
+            while !got.contains("data: {") {
+                let read = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
+                let n = read.expect("chunk in time").expect("read");
+                assert!(n > 0, "server closed early: {got}");
+                got.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+            assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        }
+        let t0 = Instant::now();
+        while in_engine(server).await == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "request never reached the engine");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(sock);
+        // 5000 tokens take far longer than this; only an abort empties the engine so soon.
+        let t0 = Instant::now();
+        while in_engine(server).await > 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "request not aborted (stream {stream}): {:?}", server.stats());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_disconnect_aborts_request() {
+        let server = start().await;
+        hang_up_mid_request(&server, true).await;
+        hang_up_mid_request(&server, false).await;
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn startup_fails_before_binding_when_memory_does_not_fit() {
+        let cfg = EngineConfig { gpu_memory_utilization: 0.1, ..Default::default() };
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+        let err = SimServer::start(cfg, gpu(), addr).await.expect_err("must not start");
+        assert!(matches!(err, ServerError::Engine(_)), "{err}");
+    }
+}
