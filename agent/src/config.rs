@@ -13,10 +13,7 @@ pub use advisor::AdvisorConfig as AdvisorSection;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {msg}")]
     Syntax { path: PathBuf, msg: String },
     #[error("config field `{field}`: {msg}")]
@@ -24,10 +21,7 @@ pub enum ConfigError {
 }
 
 fn invalid(field: &'static str, msg: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        msg: msg.into(),
-    }
+    ConfigError::Invalid { field, msg: msg.into() }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -73,10 +67,7 @@ pub struct VllmSection {
 
 impl Default for VllmSection {
     fn default() -> Self {
-        Self {
-            metrics_url: "http://127.0.0.1:8000/metrics".into(),
-            timeout_seconds: 0.5,
-        }
+        Self { metrics_url: "http://127.0.0.1:8000/metrics".into(), timeout_seconds: 0.5 }
     }
 }
 
@@ -130,10 +121,7 @@ pub struct GpuSection {
 
 impl Default for GpuSection {
     fn default() -> Self {
-        Self {
-            backend: GpuBackendKind::Nvml,
-            indices: vec![0],
-        }
+        Self { backend: GpuBackendKind::Nvml, indices: vec![0] }
     }
 }
 
@@ -166,12 +154,7 @@ pub struct PolicySection {
 
 impl Default for PolicySection {
     fn default() -> Self {
-        Self {
-            mode: PolicyMode::Slo,
-            pin_mhz: None,
-            ttft_slo_seconds: 0.5,
-            tpot_slo_seconds: 0.05,
-        }
+        Self { mode: PolicyMode::Slo, pin_mhz: None, ttft_slo_seconds: 0.5, tpot_slo_seconds: 0.05 }
     }
 }
 
@@ -186,25 +169,18 @@ fn url_has_credentials(url: &str) -> bool {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Syntax { msg, .. } => ConfigError::Syntax {
-                path: path.to_owned(),
-                msg,
-            },
+            ConfigError::Syntax { msg, .. } => ConfigError::Syntax { path: path.to_owned(), msg },
             other => other,
         })
     }
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: PathBuf::from("<text>"),
-            msg: one_line_toml_error(&e, text),
-        })?;
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax { path: PathBuf::from("<text>"), msg: one_line_toml_error(&e, text) })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -213,10 +189,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let p = self.agent.period_seconds;
         if !(0.1..=60.0).contains(&p) {
-            return Err(invalid(
-                "agent.period_seconds",
-                format!("{p} is outside 0.1..=60"),
-            ));
+            return Err(invalid("agent.period_seconds", format!("{p} is outside 0.1..=60")));
         }
         let url = &self.vllm.metrics_url;
         // Checked first, and the URL not echoed: the error reaches logs and `agentctl reload`.
@@ -227,10 +200,7 @@ impl Config {
             ));
         }
         if !url.starts_with("http://") {
-            return Err(invalid(
-                "vllm.metrics_url",
-                format!("{url:?} must start with http:// (TLS is not supported)"),
-            ));
+            return Err(invalid("vllm.metrics_url", format!("{url:?} must start with http:// (TLS is not supported)")));
         }
         let t = self.vllm.timeout_seconds;
         if !(t > 0.0 && t < p) {
@@ -335,7 +305,10 @@ mod tests {
             assert!(e.contains("vllm.metrics_url") && e.contains("credentials"), "{e}");
             assert!(!e.contains("s3cret") && !e.contains("tok@"), "the secret is not echoed: {e}");
         }
-        assert!(Config::parse("[vllm]\nmetrics_url = \"http://127.0.0.1:8000/metrics?a=b@c\"\n").is_ok(), "an @ after the host is not userinfo");
+        assert!(
+            Config::parse("[vllm]\nmetrics_url = \"http://127.0.0.1:8000/metrics?a=b@c\"\n").is_ok(),
+            "an @ after the host is not userinfo"
+        );
         assert!(err("[vllm]\ntimeout_seconds = 2.0\n").contains("vllm.timeout_seconds"));
         assert!(err("[gpu]\nindices = []\n").contains("gpu.indices"));
         assert!(err("[gpu]\nindices = [1, 1]\n").contains("gpu.indices"));
@@ -357,9 +330,7 @@ mod tests {
 
     #[test]
     fn load_names_the_missing_file() {
-        let e = Config::load(Path::new("/nonexistent/agent.toml"))
-            .expect_err("missing")
-            .to_string();
+        let e = Config::load(Path::new("/nonexistent/agent.toml")).expect_err("missing").to_string();
         assert!(e.contains("/nonexistent/agent.toml"), "{e}");
     }
 }

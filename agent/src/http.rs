@@ -30,11 +30,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn text(status: StatusCode, body: impl Into<String>) -> Self {
-        Self {
-            status,
-            content_type: PLAIN_TEXT,
-            body: body.into(),
-        }
+        Self { status, content_type: PLAIN_TEXT, body: body.into() }
     }
 }
 
@@ -78,13 +74,9 @@ async fn answer(routes: Arc<dyn Routes>, req: Request<Incoming>) -> Result<Respo
     let body = if req.method() == Method::HEAD { String::new() } else { reply.body };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = reply.status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(reply.content_type),
-    );
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(reply.content_type));
     if reply.status == StatusCode::METHOD_NOT_ALLOWED {
-        resp.headers_mut()
-            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        resp.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
     }
     Ok(resp)
 }

@@ -168,7 +168,9 @@ fn main() -> ExitCode {
         Some(Command::Inspect { metrics_file, url }) => runtime.block_on(inspect(metrics_file, url)),
         Some(Command::Gpus { backend, try_lock }) => report(gpus(&backend, try_lock)),
         Some(Command::ResetClocks { backend }) => report(reset_clocks(&backend)),
-        Some(Command::CheckConfig { file }) => report(Config::load(&file).map(|_| println!("{}: ok", file.display())).map_err(Into::into)),
+        Some(Command::CheckConfig { file }) => {
+            report(Config::load(&file).map(|_| println!("{}: ok", file.display())).map_err(Into::into))
+        }
         Some(Command::Loadgen(args)) => report(runtime.block_on(loadgen(args))),
         #[cfg(feature = "lab")]
         Some(Command::Bench(args)) => report(bench(&args)),
@@ -303,7 +305,12 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     use lab::bench::{run_bench, BenchOptions, BenchPolicy};
     let trace = lab::trace::Trace::load(&args.trace)?;
     let policy: BenchPolicy = args.policy.parse().map_err(|e| anyhow::anyhow!("--policy: {e}"))?;
-    let opts = BenchOptions { ttft_slo_s: args.ttft_slo, tpot_slo_s: args.tpot_slo, seed: args.seed, ..BenchOptions::default() };
+    let opts = BenchOptions {
+        ttft_slo_s: args.ttft_slo,
+        tpot_slo_s: args.tpot_slo,
+        seed: args.seed,
+        ..BenchOptions::default()
+    };
     let r = run_bench(&trace, policy, &opts)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -346,7 +353,11 @@ async fn tune(args: TuneArgs) -> ExitCode {
     });
     match study.await {
         Ok(Ok(summary)) => {
-            let text = if args.json { serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n" } else { summary.text() };
+            let text = if args.json {
+                serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n"
+            } else {
+                summary.text()
+            };
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = write!(std::io::stdout(), "{text}");
             ExitCode::SUCCESS

@@ -152,7 +152,10 @@ fn main() -> ExitCode {
     if let Command::Watch { interval, count } = &cli.command {
         return watch(&mut client, *interval, *count, cli.json);
     }
-    let follow = matches!(&cli.command, Command::Tune { cmd: TuneArg::Start { wait: true, .. } | TuneArg::Status { follow: true } });
+    let follow = matches!(
+        &cli.command,
+        Command::Tune { cmd: TuneArg::Start { wait: true, .. } | TuneArg::Status { follow: true } }
+    );
     // `model export FILE`: agentctl writes the file, as the calling user.
     let export_file = match &cli.command {
         Command::Model { cmd: ModelArg::Export { file: Some(file) } } => Some(file.as_path()),
@@ -334,7 +337,10 @@ fn opt(v: Option<f64>, scale: f64, unit: &str, digits: usize) -> String {
 fn table(s: &StatusReport) -> String {
     let mut o = String::new();
     let clock = s.locked_mhz.map_or("driver-managed".to_string(), |m| format!("locked at {m} MHz"));
-    o += &format!("agent      gpu-agent {}, up {:.0} s, {} cycles of {} s\n", s.agent_version, s.uptime_s, s.cycles, s.period_s);
+    o += &format!(
+        "agent      gpu-agent {}, up {:.0} s, {} cycles of {} s\n",
+        s.agent_version, s.uptime_s, s.cycles, s.period_s
+    );
     o += &format!("mode       {} (phase {}), clock {clock}\n", s.mode, s.phase.as_deref().unwrap_or("-"));
     o += &format!("objectives TTFT {:.0} ms, TPOT {:.0} ms\n", s.ttft_slo_s * 1e3, s.tpot_slo_s * 1e3);
     o += &format!("vllm       {} ({})\n", s.vllm_url, if s.vllm_up { "up" } else { "NOT ANSWERING" });

@@ -22,10 +22,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A free loopback port (bound then released; fine for tests on one machine).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 /// A child process that is killed when the test ends, whatever happens.
@@ -53,10 +50,7 @@ impl Proc {
 
     /// Sends a signal by name (TERM, HUP, KILL, ...) with the system's `kill`.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{sig}"), self.pid().to_string()])
-            .status()
-            .expect("run kill");
+        let status = Command::new("kill").args([format!("-{sig}"), self.pid().to_string()]).status().expect("run kill");
         assert!(status.success(), "kill -{sig} {}", self.pid());
     }
 
@@ -110,11 +104,8 @@ pub fn http(method: &str, addr: SocketAddr, path: &str, body: Option<&str>) -> s
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response: {text:.80}")))?;
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
     Ok(HttpResponse { status, body })
 }
 
@@ -159,9 +150,7 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         if n != name {
             return None;
         }
-        let all = labels
-            .iter()
-            .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        let all = labels.iter().all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
         if all {
             value.parse().ok()
         } else {

@@ -11,9 +11,7 @@ fn start_vllm_sim() -> (Proc, SocketAddr) {
     let port = free_port();
     let p = Proc::start("vllm-sim", &["--host", "127.0.0.1", "--port", &port.to_string()]);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    wait_for(Duration::from_secs(20), "vllm-sim /health", || {
-        get(addr, "/health").ok().filter(|r| r.status == 200)
-    });
+    wait_for(Duration::from_secs(20), "vllm-sim /health", || get(addr, "/health").ok().filter(|r| r.status == 200));
     (p, addr)
 }
 
@@ -106,7 +104,7 @@ fn pinned_clock_goes_back_to_default_when_vllm_stops_answering() {
     });
 
     drop(vllm); // killed
-    // Two failed cycles of 0.25 s (+ scrape timeouts): well within 3 s.
+                // Two failed cycles of 0.25 s (+ scrape timeouts): well within 3 s.
     wait_for(Duration::from_secs(3), "clock reset after vLLM died", || {
         (agent_metric(addr, "gpu_agent_clock_target_hertz", &[])? == 0.0).then_some(())
     });

@@ -42,7 +42,15 @@ fn the_governor_beats_default_clocks_and_agft_on_a_decode_trace() {
     let run = |policy: &str| json(&bench(&trace, &["--policy", policy, "--json", "--seed", "1"]));
     let (default, agft, governor) = (run("default"), run("agft"), run("governor"));
     for v in [&default, &agft, &governor] {
-        for field in ["energy_joules", "tokens", "mean_ttft_s", "mean_tpot_s", "edp_per_token", "slo_violation_ratio", "decisions"] {
+        for field in [
+            "energy_joules",
+            "tokens",
+            "mean_ttft_s",
+            "mean_tpot_s",
+            "edp_per_token",
+            "slo_violation_ratio",
+            "decisions",
+        ] {
             assert!(num(v, field).is_finite(), "{field}");
         }
         assert!(v.get("converged_after").is_some(), "converged_after is reported (a number or null)");

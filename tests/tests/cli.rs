@@ -125,7 +125,9 @@ fn nvml_without_a_driver_fails_with_a_clear_message() {
 
 #[test]
 fn vllm_sim_refuses_to_start_when_memory_does_not_fit() {
-    let run = |args: &[&str]| Command::new(bin("vllm-sim")).args(args).env("RUST_LOG", "warn").output().expect("run vllm-sim");
+    let run = |args: &[&str]| {
+        Command::new(bin("vllm-sim")).args(args).env("RUST_LOG", "warn").output().expect("run vllm-sim")
+    };
     let port = e2e_tests::free_port().to_string();
     let out = run(&["--host", "127.0.0.1", "--port", &port, "--gpu-memory-utilization", "0.999"]);
     assert_eq!(out.status.code(), Some(1));

@@ -51,12 +51,7 @@ fn start(control: &str) -> Agent {
 }
 
 fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(bin("agentctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run agentctl")
+    Command::new(bin("agentctl")).arg("--socket").arg(socket).args(args).output().expect("run agentctl")
 }
 
 fn text(o: &Output) -> (String, String) {
@@ -135,7 +130,8 @@ fn every_command_through_agentctl() {
     let file = dir.path().join("model.json");
     let o = ctl(s, &["model", "export", file.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
-    let exported: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).expect("export file")).expect("JSON");
+    let exported: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("export file")).expect("JSON");
     assert_eq!(exported["schema_version"], governor::store::SCHEMA_VERSION);
     let o = ctl(s, &["model", "import", file.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
@@ -147,7 +143,8 @@ fn every_command_through_agentctl() {
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     let to_stdout: serde_json::Value = serde_json::from_str(&text(&o).0).expect("export on stdout is JSON");
     assert_eq!(to_stdout["gpu_model"], exported["gpu_model"]);
-    std::fs::write(&file, format!("{{\"schema_version\": {}, \"state\": 3}}", governor::store::SCHEMA_VERSION)).expect("write");
+    std::fs::write(&file, format!("{{\"schema_version\": {}, \"state\": 3}}", governor::store::SCHEMA_VERSION))
+        .expect("write");
     let o = ctl(s, &["model", "import", file.to_str().expect("path")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("not a governor export"), "{:?}", text(&o));
@@ -233,14 +230,13 @@ fn raw(socket: &Path, bytes: &[u8]) -> Vec<u8> {
 #[test]
 fn garbage_oversized_and_truncated_frames_do_not_stop_the_agent() {
     let a = start("");
-    let hello = proto::encode_frame(&proto::Hello { version: proto::PROTOCOL_VERSION, client: "raw".into() })
-        .expect("hello");
+    let hello =
+        proto::encode_frame(&proto::Hello { version: proto::PROTOCOL_VERSION, client: "raw".into() }).expect("hello");
     let mut oversized_request = hello.clone();
     oversized_request.extend_from_slice(&u32::MAX.to_be_bytes());
     let mut garbage_request = hello.clone();
     garbage_request.extend_from_slice(&[0, 0, 0, 3, 0xff, 0xfe, 0xfd]);
-    let wrong_version =
-        proto::encode_frame(&proto::Hello { version: 999, client: "future".into() }).expect("hello");
+    let wrong_version = proto::encode_frame(&proto::Hello { version: 999, client: "future".into() }).expect("hello");
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("garbage hello", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
         ("oversized hello", u32::MAX.to_be_bytes().to_vec()),
@@ -347,21 +343,25 @@ fn pinning_a_lower_clock_lowers_the_advised_capacity() {
     // Learn the server at the maximum clock under the built-in load (its quiet start: the
     // request mix stays the same through this test).
     pin("1980");
-    wait_for(Duration::from_secs(30), "an online capacity at 1980 MHz", || advice_at(&a.socket).filter(|x| x.0 == 1980.0));
+    wait_for(Duration::from_secs(30), "an online capacity at 1980 MHz", || {
+        advice_at(&a.socket).filter(|x| x.0 == 1980.0)
+    });
     std::thread::sleep(Duration::from_secs(5));
     let (_, high_cap, high_step) = advice_at(&a.socket).expect("advice");
     // At 900 MHz each step takes longer; the advisor learns it from the windows and computes
     // the capacity at the clock the agent applies.
     pin("900");
     let (_, low_cap, low_step) = wait_for(Duration::from_secs(30), "a lower capacity at 900 MHz", || {
-        advice_at(&a.socket).filter(|&(clock, cap, step)| clock == 900.0 && step > 1.2 * high_step && cap < 0.98 * high_cap)
+        advice_at(&a.socket)
+            .filter(|&(clock, cap, step)| clock == 900.0 && step > 1.2 * high_step && cap < 0.98 * high_cap)
     });
     println!("1980 MHz: {high_cap:.1} req/s, step {high_step:.4} s; 900 MHz: {low_cap:.1} req/s, step {low_step:.4} s");
     // Back at 1980 MHz the capacity is back at once: the slowdown was put down to the clock,
     // not to the server (a fit blind to the clock would need ~100 windows to forget it).
     pin("1980");
     let (_, back_cap, back_step) = wait_for(Duration::from_secs(5), "the capacity back at 1980 MHz", || {
-        advice_at(&a.socket).filter(|&(clock, cap, step)| clock == 1980.0 && step < 1.1 * high_step && cap > 0.97 * high_cap)
+        advice_at(&a.socket)
+            .filter(|&(clock, cap, step)| clock == 1980.0 && step < 1.1 * high_step && cap > 0.97 * high_cap)
     });
     println!("back at 1980 MHz: {back_cap:.1} req/s, step {back_step:.4} s");
     a.proc.signal("TERM");

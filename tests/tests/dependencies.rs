@@ -21,7 +21,22 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("governor", &["objectives", "store", "vllm-metrics"]),
     ("advisor", &["objectives", "vllm-metrics"]),
     ("tuner", &["loadgen", "objectives", "proto", "store", "vllm-metrics"]),
-    ("gpu-agent", &["advisor", "governor", "gpu", "loadgen", "objectives", "proto", "store", "tuner", "vllm-metrics", "sim", "lab"]),
+    (
+        "gpu-agent",
+        &[
+            "advisor",
+            "governor",
+            "gpu",
+            "loadgen",
+            "objectives",
+            "proto",
+            "store",
+            "tuner",
+            "vllm-metrics",
+            "sim",
+            "lab",
+        ],
+    ),
     ("agentctl", &["proto"]),
     ("sim", &["gpu", "loadgen", "objectives", "tuner", "vllm-metrics"]),
     ("lab", &["advisor", "governor", "gpu", "loadgen", "objectives", "sim", "tuner", "vllm-metrics"]),
@@ -45,7 +60,10 @@ fn cargo() -> Command {
 }
 
 fn metadata() -> Value {
-    let out = cargo().args(["metadata", "--format-version", "1", "--no-deps", "--offline"]).output().expect("run cargo metadata");
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .output()
+        .expect("run cargo metadata");
     assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("cargo metadata prints JSON")
 }
@@ -113,9 +131,15 @@ fn no_production_crate_needs_the_simulator_or_the_lab() {
 
     // The features that bring them are exactly the documented ones.
     let meta = metadata();
-    let agent = meta["packages"].as_array().expect("packages").iter().find(|p| p["name"] == "gpu-agent").expect("gpu-agent");
+    let agent =
+        meta["packages"].as_array().expect("packages").iter().find(|p| p["name"] == "gpu-agent").expect("gpu-agent");
     for (dep, feature) in OPTIONAL_EDGES {
-        let enables: Vec<String> = agent["features"][*feature].as_array().expect("feature").iter().map(|v| v.as_str().unwrap_or("").to_string()).collect();
+        let enables: Vec<String> = agent["features"][*feature]
+            .as_array()
+            .expect("feature")
+            .iter()
+            .map(|v| v.as_str().unwrap_or("").to_string())
+            .collect();
         assert!(enables.contains(&format!("dep:{dep}")), "feature `{feature}` of gpu-agent brings {dep}: {enables:?}");
     }
 }
@@ -124,7 +148,21 @@ fn no_production_crate_needs_the_simulator_or_the_lab() {
 fn the_packaged_daemon_contains_neither_the_simulator_nor_the_lab() {
     // The build the packages ship (see packaging/README.md and tests/tests/packages.rs).
     let out = cargo()
-        .args(["tree", "--offline", "-p", "gpu-agent", "--no-default-features", "--features", "nvml", "-e", "normal,build", "--prefix", "none", "--format", "{p}"])
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            "gpu-agent",
+            "--no-default-features",
+            "--features",
+            "nvml",
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--format",
+            "{p}",
+        ])
         .output()
         .expect("run cargo tree");
     assert!(out.status.success(), "cargo tree: {}", String::from_utf8_lossy(&out.stderr));
@@ -135,7 +173,10 @@ fn the_packaged_daemon_contains_neither_the_simulator_nor_the_lab() {
         assert!(!crates.contains(c), "the packaged daemon links {c}");
     }
     // And the default build (the quick start) does link both.
-    let out = cargo().args(["tree", "--offline", "-p", "gpu-agent", "-e", "normal", "--prefix", "none", "--format", "{p}"]).output().expect("run cargo tree");
+    let out = cargo()
+        .args(["tree", "--offline", "-p", "gpu-agent", "-e", "normal", "--prefix", "none", "--format", "{p}"])
+        .output()
+        .expect("run cargo tree");
     let tree = String::from_utf8_lossy(&out.stdout);
     assert!(tree.lines().any(|l| l.starts_with("sim ")) && tree.lines().any(|l| l.starts_with("lab ")), "{tree}");
 }

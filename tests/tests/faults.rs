@@ -209,7 +209,11 @@ fn hanging_vllm_is_bounded_by_the_scrape_timeout() {
     let rate = cycles / elapsed;
     eprintln!("hanging vLLM: {cycles} cycles in {elapsed:.2} s = {rate:.2}/s (period {PERIOD_S} s)");
     // One cycle per period (4/s) when each hung scrape is cut at 0.2 s; allow a loaded machine.
-    assert!((0.5 / PERIOD_S..=1.2 / PERIOD_S).contains(&rate), "cycle rate {rate:.2}/s, expected about {}", 1.0 / PERIOD_S);
+    assert!(
+        (0.5 / PERIOD_S..=1.2 / PERIOD_S).contains(&rate),
+        "cycle rate {rate:.2}/s, expected about {}",
+        1.0 / PERIOD_S
+    );
     // Each cycle really waited for the timeout (the hang is a hang), and no longer.
     let sum = metric(&m1, "gpu_agent_cycle_duration_seconds_sum", &[]).expect("cycle duration sum");
     let count = metric(&m1, "gpu_agent_cycle_duration_seconds_count", &[]).expect("cycle duration count");
@@ -277,7 +281,10 @@ fn corrupt_state_store_is_moved_aside_and_a_fresh_one_works() {
         .lines()
         .find(|l| l.contains("governor store unusable; moving it aside and starting empty"))
         .unwrap_or_else(|| panic!("no warning about the store being moved aside:\n{err}"));
-    assert!(warning.contains("WARN") && warning.contains("governor.sled.corrupt-"), "the line names where it went: {warning}");
+    assert!(
+        warning.contains("WARN") && warning.contains("governor.sled.corrupt-"),
+        "the line names where it went: {warning}"
+    );
     assert!(!err.contains("no state store"), "the fresh store must be usable:\n{err}");
     let asides = corrupt_asides(&state);
     assert_eq!(asides.len(), 1, "one moved-aside store: {asides:?}");
@@ -352,7 +359,10 @@ fn second_agent_on_a_locked_store_runs_without_persistence() {
     assert!(!err1.contains("no state store") && !err1.contains("saving the governor state failed"), "{err1}");
     let err3 = run_until_decisions(dir.path(), "third", vllm_addr, &state, 1.0);
     let restored = restored_decisions(&err3).unwrap_or_else(|| panic!("no governor ready line:\n{err3}"));
-    assert!(restored as f64 >= before, "the first agent's state survived: restored {restored}, it had made {before} decisions");
+    assert!(
+        restored as f64 >= before,
+        "the first agent's state survived: restored {restored}, it had made {before} decisions"
+    );
 }
 
 // ---- The agent killed, the disk full or read-only, the store truncated ----
@@ -401,7 +411,10 @@ fn sigkill_with_clocks_locked_then_reset_clocks_and_a_restart_restores_state() {
         (30..=decisions as u64).contains(&restored),
         "restored {restored} decisions; the last save before the kill was at 30 or later, the agent had made {decisions}"
     );
-    assert!(!err2.contains("moving it aside") && !err2.contains("no state store"), "the killed agent's store is fine:\n{err2}");
+    assert!(
+        !err2.contains("moving it aside") && !err2.contains("no state store"),
+        "the killed agent's store is fine:\n{err2}"
+    );
 }
 
 /// A filesystem mounted for one test, unmounted (lazily) when dropped.
@@ -431,7 +444,11 @@ impl Mount {
         match std::process::Command::new("mount").args(args).output() {
             Ok(o) if o.status.success() => Some(()),
             Ok(o) => {
-                eprintln!("SKIPPED: `mount {}` is not permitted here: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+                eprintln!(
+                    "SKIPPED: `mount {}` is not permitted here: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
                 None
             }
             Err(e) => {
@@ -489,7 +506,10 @@ fn disk_full_while_saving_keeps_governing_and_saves_once_space_is_back() {
 
     let err2 = run_until_decisions(dir.path(), "agent2", vllm_addr, &state, 1.0);
     let restored = restored_decisions(&err2).unwrap_or_else(|| panic!("no governor ready line:\n{err2}"));
-    assert!(restored as f64 >= decisions, "what was learnt on the full disk survived: restored {restored}, had {decisions}");
+    assert!(
+        restored as f64 >= decisions,
+        "what was learnt on the full disk survived: restored {restored}, had {decisions}"
+    );
 }
 
 #[test]
@@ -539,10 +559,18 @@ fn truncated_store_keeps_its_last_complete_save_or_is_moved_aside() {
     // the last complete message, so at worst the last save is lost, never the store.
     let torn = dir.path().join("torn");
     copy_dir(&state, &torn);
-    std::fs::OpenOptions::new().write(true).open(torn.join("governor.sled/db")).expect("open").set_len((end - 16) as u64).expect("truncate");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(torn.join("governor.sled/db"))
+        .expect("open")
+        .set_len((end - 16) as u64)
+        .expect("truncate");
     let err = run_until_decisions(dir.path(), "torn", vllm_addr, &torn, 1.0);
     let restored = restored_decisions(&err).unwrap_or_else(|| panic!("no governor ready line:\n{err}"));
-    assert!(restored >= first_save, "an earlier complete save is restored ({restored}, first save {first_save}):\n{err}");
+    assert!(
+        restored >= first_save,
+        "an earlier complete save is restored ({restored}, first save {first_save}):\n{err}"
+    );
     assert!(!err.contains("moving it aside"), "{err}");
 
     // Cut short at 64 bytes: the store cannot be read, it is set aside.

@@ -126,7 +126,10 @@ fn env_value<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
 fn check_native_sidecar(deploy: &Value) -> Result<(), String> {
     let agent = container(deploy, "initContainers", AGENT)?;
     if agent["restartPolicy"] != "Always" {
-        return Err(format!("the agent's restartPolicy is {}, not Always (not a native sidecar)", agent["restartPolicy"]));
+        return Err(format!(
+            "the agent's restartPolicy is {}, not Always (not a native sidecar)",
+            agent["restartPolicy"]
+        ));
     }
     if container(deploy, "containers", AGENT).is_ok() {
         return Err("the agent is also listed in containers".into());
@@ -136,7 +139,8 @@ fn check_native_sidecar(deploy: &Value) -> Result<(), String> {
         return Err(format!("the agent's image is {image}, not gpu-agent:<tag>"));
     }
     let args = strings(&agent["args"], "the agent's args")?;
-    let want = ["--config", "/etc/gpu-agent/agent.toml", "--listen", "0.0.0.0:9400", "--socket", "/run/gpu-agent/agent.sock"];
+    let want =
+        ["--config", "/etc/gpu-agent/agent.toml", "--listen", "0.0.0.0:9400", "--socket", "/run/gpu-agent/agent.sock"];
     if args != want {
         return Err(format!("the agent's args are {args:?}, want {want:?}"));
     }
@@ -272,7 +276,10 @@ fn check_pod_monitor(deploy: &Value, monitor: &Value) -> Result<(), String> {
         return Err("port agent-metrics is not the agent's 9400".into());
     }
     if scrape["path"] != "/metrics" || scrape["interval"] != "15s" {
-        return Err(format!("the agent endpoint scrapes {} every {}, want /metrics every 15s", scrape["path"], scrape["interval"]));
+        return Err(format!(
+            "the agent endpoint scrapes {} every {}, want /metrics every 15s",
+            scrape["path"], scrape["interval"]
+        ));
     }
     Ok(())
 }
@@ -322,13 +329,22 @@ fn every_yaml_file_under_packaging_k8s_parses() {
         for field in ["apiVersion", "kind"] {
             assert!(doc.value[field].is_string(), "{}: a document has no {field}", doc.file.display());
         }
-        assert!(doc.value["metadata"]["name"].is_string(), "{}: a {} has no metadata.name", doc.file.display(), doc.value["kind"]);
+        assert!(
+            doc.value["metadata"]["name"].is_string(),
+            "{}: a {} has no metadata.name",
+            doc.file.display(),
+            doc.value["kind"]
+        );
     }
     for kind in ["Deployment", "ConfigMap", "PodMonitor"] {
         assert!(docs.iter().any(|d| d.value["kind"] == kind), "no {kind} under packaging/k8s");
     }
     assert!(parse_docs("a: [1, 2\nb: }").is_err(), "broken YAML must be rejected");
-    assert_eq!(parse_docs("---\na: 1\n---\nb: 2\n---\n").map(|d| d.len()), Ok(2), "every document of a multi-document file is read");
+    assert_eq!(
+        parse_docs("---\na: 1\n---\nb: 2\n---\n").map(|d| d.len()),
+        Ok(2),
+        "every document of a multi-document file is read"
+    );
 }
 
 #[test]
@@ -352,10 +368,7 @@ fn socket_dir_is_an_emptydir_shared_by_both_containers() {
         .as_array_mut()
         .and_then(|cs| cs.iter_mut().find(|c| c["name"] == VLLM))
         .expect("vllm container");
-    vllm["volumeMounts"]
-        .as_array_mut()
-        .expect("mounts")
-        .retain(|m| m["mountPath"] != SOCKET_DIR);
+    vllm["volumeMounts"].as_array_mut().expect("mounts").retain(|m| m["mountPath"] != SOCKET_DIR);
     assert!(check_shared_socket(&broken).is_err(), "a socket dir mounted in the agent only must be rejected");
 }
 
@@ -459,7 +472,10 @@ fn check_dockerfile(text: &str) -> Result<(), String> {
     let runtime_at = ins.iter().rposition(|(k, _)| k == "FROM").unwrap_or_default();
     let (build_ins, runtime_ins) = ins.split_at(runtime_at);
     let builds = build_ins.iter().any(|(k, a)| {
-        k == "RUN" && a.contains("cargo build --release") && a.contains("--bin gpu-agent") && a.contains("--bin agentctl")
+        k == "RUN"
+            && a.contains("cargo build --release")
+            && a.contains("--bin gpu-agent")
+            && a.contains("--bin agentctl")
     });
     if !builds {
         return Err("the build stage does not run cargo build --release --bin gpu-agent --bin agentctl".into());
@@ -530,7 +546,10 @@ fn agent_output() -> (Vec<String>, gpu_agent::config::AdvisorSection, String) {
     )
     .expect("config");
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let agent = Proc::start("gpu-agent", &["--simulate", "--config", cfg.to_str().expect("path"), "--listen", &addr.to_string()]);
+    let agent = Proc::start(
+        "gpu-agent",
+        &["--simulate", "--config", cfg.to_str().expect("path"), "--listen", &addr.to_string()],
+    );
     let metrics = wait_for(Duration::from_secs(40), "the advisor's suggestion on /metrics", || {
         let m = get(addr, "/metrics").ok()?.body;
         let suggested = m.lines().find(|l| l.starts_with("gpu_agent_advisor_suggested_replicas{"))?;
@@ -580,7 +599,10 @@ fn check_hpa(hpa: &Value, adapter: &Value, exported: &[String], deploy: &Value) 
     let metric = &list(&hpa["spec"]["metrics"], "HPA spec.metrics")?[0];
     let name = str_of(&metric["pods"]["metric"]["name"], "HPA pods metric name")?;
     if metric["pods"]["target"]["type"] != "AverageValue" || metric["pods"]["target"]["averageValue"] != "1" {
-        return Err(format!("the HPA target must be AverageValue 1 (the demand is in replicas): {}", metric["pods"]["target"]));
+        return Err(format!(
+            "the HPA target must be AverageValue 1 (the demand is in replicas): {}",
+            metric["pods"]["target"]
+        ));
     }
     let rules_text = str_of(&adapter["data"]["config.yaml"], "prometheus-adapter config.yaml")?;
     let rules = parse_docs(rules_text)?.into_iter().next().ok_or("empty adapter config")?;
@@ -598,7 +620,10 @@ fn check_hpa(hpa: &Value, adapter: &Value, exported: &[String], deploy: &Value) 
 fn check_keda(so: &Value, exported: &[String], deploy: &Value) -> Result<(), String> {
     check_target(so, "the ScaledObject", deploy)?;
     let trigger = &list(&so["spec"]["triggers"], "ScaledObject triggers")?[0];
-    if trigger["type"] != "prometheus" || trigger["metricType"] != "AverageValue" || trigger["metadata"]["threshold"] != "1" {
+    if trigger["type"] != "prometheus"
+        || trigger["metricType"] != "AverageValue"
+        || trigger["metadata"]["threshold"] != "1"
+    {
         return Err(format!("want a prometheus trigger, AverageValue, threshold 1: {trigger}"));
     }
     let names = agent_metric_names(str_of(&trigger["metadata"]["query"], "trigger query")?);
@@ -608,7 +633,13 @@ fn check_keda(so: &Value, exported: &[String], deploy: &Value) -> Result<(), Str
     Ok(())
 }
 
-fn check_aibrix(pa: &Value, service: &Value, advisor: &gpu_agent::config::AdvisorSection, answer: &str, deploy: &Value) -> Result<(), String> {
+fn check_aibrix(
+    pa: &Value,
+    service: &Value,
+    advisor: &gpu_agent::config::AdvisorSection,
+    answer: &str,
+    deploy: &Value,
+) -> Result<(), String> {
     check_target(pa, "the PodAutoscaler", deploy)?;
     let src = &list(&pa["spec"]["metricsSources"], "metricsSources")?[0];
     let want_path = format!("/metrics/{}/{}", advisor.namespace, advisor.deployment);
@@ -620,12 +651,18 @@ fn check_aibrix(pa: &Value, service: &Value, advisor: &gpu_agent::config::Adviso
         return Err(format!("the agent's answer has no {metric}{{model_name=...}}: {answer}"));
     }
     if src["targetValue"] != advisor.aibrix_units_per_replica.to_string().as_str() {
-        return Err(format!("targetValue {} is not one replica in the agent's units ({})", src["targetValue"], advisor.aibrix_units_per_replica));
+        return Err(format!(
+            "targetValue {} is not one replica in the agent's units ({})",
+            src["targetValue"], advisor.aibrix_units_per_replica
+        ));
     }
     let svc = str_of(&service["metadata"]["name"], "Service name")?;
     let endpoint = str_of(&src["endpoint"], "endpoint")?;
     let port = service["spec"]["ports"][0]["port"].as_i64().ok_or("Service port")?;
-    if !endpoint.starts_with(&format!("{svc}.")) || !endpoint.ends_with(&format!(":{port}")) || service["spec"]["ports"][0]["targetPort"] != 9400 {
+    if !endpoint.starts_with(&format!("{svc}."))
+        || !endpoint.ends_with(&format!(":{port}"))
+        || service["spec"]["ports"][0]["targetPort"] != 9400
+    {
         return Err(format!("endpoint {endpoint} is not the Service {svc}:{port} in front of the agents' port 9400"));
     }
     if service["spec"]["selector"] != deploy["spec"]["selector"]["matchLabels"] {
@@ -654,7 +691,9 @@ fn autoscalers_consume_what_the_agent_exports() {
     assert!(check_hpa(&bad, &adapter, &exported, &deploy).is_err());
     let mut bad = keda.clone();
     bad["spec"]["triggers"][0]["metadata"]["query"] = "sum(gpu_agent_advisor_replicas_needed)".into();
-    assert!(check_keda(&bad, &exported, &deploy).expect_err("unknown metric").contains("gpu_agent_advisor_replicas_needed"));
+    assert!(check_keda(&bad, &exported, &deploy)
+        .expect_err("unknown metric")
+        .contains("gpu_agent_advisor_replicas_needed"));
     let mut bad = pa.clone();
     bad["spec"]["metricsSources"][0]["targetValue"] = "1".into();
     assert!(check_aibrix(&bad, &service, &advisor, &answer, &deploy).is_err());

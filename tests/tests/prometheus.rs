@@ -89,10 +89,8 @@ fn query(addr: SocketAddr, promql: &str) -> Result<Vec<(Value, f64)>, String> {
         .iter()
         .map(|s| {
             // A sample is [unix_time, "value"]; the value is a string in Prometheus' API.
-            let value = s["value"][1]
-                .as_str()
-                .and_then(|x| x.parse::<f64>().ok())
-                .ok_or_else(|| format!("bad sample {s}"))?;
+            let value =
+                s["value"][1].as_str().and_then(|x| x.parse::<f64>().ok()).ok_or_else(|| format!("bad sample {s}"))?;
             Ok((s["metric"].clone(), value))
         })
         .collect()
@@ -138,9 +136,7 @@ fn prometheus_scrapes_the_agent_and_promql_returns_its_metrics() {
             socket.to_str().expect("path"),
         ],
     );
-    wait_for(Duration::from_secs(20), "agent HTTP", || {
-        get(agent_addr, "/healthz").ok().filter(|r| r.status == 200)
-    });
+    wait_for(Duration::from_secs(20), "agent HTTP", || get(agent_addr, "/healthz").ok().filter(|r| r.status == 200));
 
     // Prometheus, loopback only, scraping the agent every second.
     std::fs::write(

@@ -27,7 +27,15 @@ fn start(dir: &Path) -> (Proc, SocketAddr) {
     let listen = format!("127.0.0.1:{port}");
     let p = Proc::start(
         "gpu-agent",
-        &["--simulate", "--config", cfg.to_str().expect("path"), "--listen", &listen, "--socket", socket.to_str().expect("path")],
+        &[
+            "--simulate",
+            "--config",
+            cfg.to_str().expect("path"),
+            "--listen",
+            &listen,
+            "--socket",
+            socket.to_str().expect("path"),
+        ],
     );
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     wait_for(Duration::from_secs(30), "agent HTTP", || get(addr, "/healthz").ok().filter(|r| r.status == 200));
@@ -36,7 +44,12 @@ fn start(dir: &Path) -> (Proc, SocketAddr) {
 }
 
 fn agentctl(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
-    let o = Command::new(bin("agentctl")).arg("--socket").arg(dir.join("agent.sock")).args(args).output().expect("agentctl");
+    let o = Command::new(bin("agentctl"))
+        .arg("--socket")
+        .arg(dir.join("agent.sock"))
+        .args(args)
+        .output()
+        .expect("agentctl");
     (o.status.code(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
 }
 

@@ -16,7 +16,8 @@ fn procs_with(marker: &str) -> Vec<u32> {
     for e in entries.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let zombie = std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')));
+        let zombie = std::fs::read_to_string(e.path().join("stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')));
         if !zombie && String::from_utf8_lossy(&cmd).contains(marker) {
             out.push(pid);
         }
@@ -85,7 +86,15 @@ fn tune_launches_vllm_sim_finds_the_best_flags_and_writes_every_output() {
     std::fs::write(&space_path, space(&model, 16)).expect("space");
     let study = dir.path().join("study");
     let started = Instant::now();
-    let o = tune(&["--space", space_path.to_str().expect("path"), "--launch", &launch(), "--study-dir", study.to_str().expect("path"), "--json"]);
+    let o = tune(&[
+        "--space",
+        space_path.to_str().expect("path"),
+        "--launch",
+        &launch(),
+        "--study-dir",
+        study.to_str().expect("path"),
+        "--json",
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err}");
     eprintln!("study took {:?}", started.elapsed());
@@ -97,23 +106,47 @@ fn tune_launches_vllm_sim_finds_the_best_flags_and_writes_every_output() {
     assert_eq!(v["failed_trials"], 3, "the three 400000-token trials do not fit: {v}");
     assert!(v["improvement_over_baseline"].as_f64().is_some_and(|x| x > 0.2), "32 seats beat the default 8: {v}");
 
-    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(study.join("result.json")).expect("result.json")).expect("json");
+    let result: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(study.join("result.json")).expect("result.json")).expect("json");
     let trials = result["all_trials"].as_array().expect("trials");
     let oom: Vec<&serde_json::Value> = trials.iter().filter(|t| t["status"] == "oom").collect();
     assert_eq!(oom.len(), 3);
-    assert!(oom[0]["error"].as_str().is_some_and(|e| e.contains("No available memory for the cache blocks")), "{}", oom[0]);
+    assert!(
+        oom[0]["error"].as_str().is_some_and(|e| e.contains("No available memory for the cache blocks")),
+        "{}",
+        oom[0]
+    );
     // The unlimited run is recorded with vllm bench serve's keys; 1 seat fails the limit there.
-    let one_seat = trials.iter().find(|t| t["flags"]["max-num-seqs"] == "1" && t["status"] == "done").expect("1-seat trial");
+    let one_seat =
+        trials.iter().find(|t| t["flags"]["max-num-seqs"] == "1" && t["status"] == "done").expect("1-seat trial");
     let runs = one_seat["buckets"][0]["runs"].as_array().expect("runs");
     assert_eq!(runs[0]["request_rate"], "inf");
     assert_eq!(runs[0]["passed"], false);
-    for key in ["request_throughput", "request_goodput", "output_throughput", "p99_ttft_ms", "p99_tpot_ms", "p99_e2el_ms", "completed"] {
+    for key in [
+        "request_throughput",
+        "request_goodput",
+        "output_throughput",
+        "p99_ttft_ms",
+        "p99_tpot_ms",
+        "p99_e2el_ms",
+        "completed",
+    ] {
         assert!(runs[0].get(key).is_some(), "{key} missing");
     }
 
     let txt = std::fs::read_to_string(study.join("result.txt")).expect("result.txt");
-    assert!(txt.lines().any(|l| l.starts_with("max_num_seqs: 32, max_num_batched_tokens: 2048, request_rate: ") && l.contains(", e2el: ") && l.contains(", goodput: ")), "{txt}");
-    assert!(txt.lines().last().is_some_and(|l| l.starts_with("best_max_num_seqs: 32, best_max_num_batched_tokens: 2048, best_throughput: ")), "{txt}");
+    assert!(
+        txt.lines().any(|l| l.starts_with("max_num_seqs: 32, max_num_batched_tokens: 2048, request_rate: ")
+            && l.contains(", e2el: ")
+            && l.contains(", goodput: ")),
+        "{txt}"
+    );
+    assert!(
+        txt.lines().last().is_some_and(
+            |l| l.starts_with("best_max_num_seqs: 32, best_max_num_batched_tokens: 2048, best_throughput: ")
+        ),
+        "{txt}"
+    );
     let csv = std::fs::read_to_string(study.join("trials.csv")).expect("csv");
     assert!(csv.starts_with("id,kind,status,gpu_set,max-num-seqs,max-num-batched-tokens,"), "{csv}");
     assert_eq!(csv.lines().count(), 1 + 7 + 1, "header, 7 trials, the profile run: {csv}");
@@ -121,10 +154,12 @@ fn tune_launches_vllm_sim_finds_the_best_flags_and_writes_every_output() {
     assert!(svg.starts_with("<svg") && svg.contains("Pareto front") && svg.contains("baseline"), "svg");
     assert!(std::fs::read_to_string(study.join("trials/0001.log")).expect("trial log").contains("Uvicorn running"));
     // Two GPU sets: trials ran on both, each server told its own.
-    let sets: std::collections::BTreeSet<String> = trials.iter().map(|t| t["gpu_set"].as_str().unwrap_or("").to_string()).collect();
+    let sets: std::collections::BTreeSet<String> =
+        trials.iter().map(|t| t["gpu_set"].as_str().unwrap_or("").to_string()).collect();
     assert_eq!(sets.into_iter().collect::<Vec<_>>(), ["0", "1"]);
     for t in trials.iter().filter(|t| t["kind"] != "profile") {
-        let log = std::fs::read_to_string(study.join(format!("trials/{:04}.log", t["id"].as_u64().expect("id")))).expect("log");
+        let log = std::fs::read_to_string(study.join(format!("trials/{:04}.log", t["id"].as_u64().expect("id"))))
+            .expect("log");
         assert!(log.starts_with(&format!("gpu set {}\n", t["gpu_set"].as_str().expect("set"))), "{log}");
     }
 
@@ -149,7 +184,15 @@ fn a_sigkilled_tuner_leaves_no_server_and_the_next_start_resumes() {
     let study = dir.path().join("study");
     let tuner = Proc::start(
         "gpu-agent",
-        &["tune", "--space", space_path.to_str().expect("path"), "--launch", &launch(), "--study-dir", study.to_str().expect("path")],
+        &[
+            "tune",
+            "--space",
+            space_path.to_str().expect("path"),
+            "--launch",
+            &launch(),
+            "--study-dir",
+            study.to_str().expect("path"),
+        ],
     );
     // A trial server (not the memory search's short-lived ones) is up once trial 0's log exists.
     wait_for(Duration::from_secs(30), "a trial server", || {
@@ -163,7 +206,15 @@ fn a_sigkilled_tuner_leaves_no_server_and_the_next_start_resumes() {
     // (servers stopped, exit 130).
     let again = Proc::start(
         "gpu-agent",
-        &["tune", "--space", space_path.to_str().expect("path"), "--launch", &launch(), "--study-dir", study.to_str().expect("path")],
+        &[
+            "tune",
+            "--space",
+            space_path.to_str().expect("path"),
+            "--launch",
+            &launch(),
+            "--study-dir",
+            study.to_str().expect("path"),
+        ],
     );
     wait_for(Duration::from_secs(30), "the resumed trial's server", || (!procs_with(&model).is_empty()).then_some(()));
     again.signal("TERM");
@@ -207,7 +258,17 @@ fn a_study_resumes_with_its_finished_trials_and_bad_input_is_named() {
     let space_path = dir.path().join("space.toml");
     let study = dir.path().join("study");
     let args = |trials: &str| {
-        vec!["--space".to_string(), space_path.display().to_string(), "--launch".into(), "sim".into(), "--study-dir".into(), study.display().to_string(), "--trials".into(), trials.into(), "--json".into()]
+        vec![
+            "--space".to_string(),
+            space_path.display().to_string(),
+            "--launch".into(),
+            "sim".into(),
+            "--study-dir".into(),
+            study.display().to_string(),
+            "--trials".into(),
+            trials.into(),
+            "--json".into(),
+        ]
     };
     std::fs::write(&space_path, sim_space(6)).expect("space");
     let first = tune(&args("6").iter().map(String::as_str).collect::<Vec<_>>());
@@ -228,13 +289,21 @@ fn a_study_resumes_with_its_finished_trials_and_bad_input_is_named() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0));
     assert!(!String::from_utf8_lossy(&o.stderr).contains("trial done"));
-    assert!(out.starts_with("best flags  --gpu-memory-utilization 0.9 --max-num-batched-tokens ") && out.contains("\nbaseline    "), "{out}");
+    assert!(
+        out.starts_with("best flags  --gpu-memory-utilization 0.9 --max-num-batched-tokens ")
+            && out.contains("\nbaseline    "),
+        "{out}"
+    );
 
     // A different space in the same directory is refused, not mixed in.
     std::fs::write(&space_path, sim_space(6).replace("p99_tpot_ms = 20", "p99_tpot_ms = 30")).expect("space");
     let o = tune(&args("6").iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("different search space"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("different search space"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // Bad input: one line naming the field, exit 2.
     std::fs::write(&space_path, sim_space(6).replace("step = 8 }", "step = 0 }")).expect("space");
@@ -246,7 +315,14 @@ fn a_study_resumes_with_its_finished_trials_and_bad_input_is_named() {
     assert_eq!(o.status.code(), Some(2));
     // A command that cannot run stops the study at once, naming it.
     std::fs::write(&space_path, sim_space(6)).expect("space");
-    let o = tune(&["--space", space_path.to_str().expect("path"), "--launch", "/nonexistent/vllm serve {flags}", "--study-dir", dir.path().join("x").to_str().expect("path")]);
+    let o = tune(&[
+        "--space",
+        space_path.to_str().expect("path"),
+        "--launch",
+        "/nonexistent/vllm serve {flags}",
+        "--study-dir",
+        dir.path().join("x").to_str().expect("path"),
+    ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("/nonexistent/vllm"), "{err}");
@@ -258,29 +334,50 @@ fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
     let port = free_port();
     let socket = dir.path().join("agent.sock");
     let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, format!("[agent]\nperiod_seconds = 0.25\nstate_dir = \"{}\"\n[vllm]\ntimeout_seconds = 0.2\n", dir.path().join("state").display())).expect("config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nperiod_seconds = 0.25\nstate_dir = \"{}\"\n[vllm]\ntimeout_seconds = 0.2\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .expect("config");
     let agent = Proc::start(
         "gpu-agent",
-        &["--simulate", "--config", cfg.to_str().expect("path"), "--listen", &format!("127.0.0.1:{port}"), "--socket", socket.to_str().expect("path")],
+        &[
+            "--simulate",
+            "--config",
+            cfg.to_str().expect("path"),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--socket",
+            socket.to_str().expect("path"),
+        ],
     );
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     wait_for(Duration::from_secs(30), "agent socket", || socket.exists().then_some(()));
     let space_path = dir.path().join("space.toml");
     std::fs::write(&space_path, sim_space(8)).expect("space");
-    let ctl = |args: &[&str]| Command::new(bin("agentctl")).arg("--socket").arg(&socket).args(args).output().expect("agentctl");
+    let ctl = |args: &[&str]| {
+        Command::new(bin("agentctl")).arg("--socket").arg(&socket).args(args).output().expect("agentctl")
+    };
 
     let cycles = |addr| {
         let m = get(addr, "/metrics").expect("metrics").body;
         e2e_tests::metric(&m, "gpu_agent_cycles_total", &[]).unwrap_or(0.0)
     };
     let before = cycles(addr);
-    let o = ctl(&["tune", "start", "--space", space_path.to_str().expect("path"), "--launch", "sim", "--wait", "--json"]);
+    let o =
+        ctl(&["tune", "start", "--space", space_path.to_str().expect("path"), "--launch", "sim", "--wait", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let p: serde_json::Value = serde_json::from_slice(&o.stdout).expect("progress json");
     assert_eq!(p["state"], "finished", "{p}");
     assert_eq!(p["trials_done"], 8);
     assert!(p["best_score"].as_f64().is_some_and(|s| s > 0.0), "{p}");
-    assert!(p["study_dir"].as_str().is_some_and(|d| d.starts_with(dir.path().join("state/tune").to_str().expect("path"))), "{p}");
+    assert!(
+        p["study_dir"].as_str().is_some_and(|d| d.starts_with(dir.path().join("state/tune").to_str().expect("path"))),
+        "{p}"
+    );
     assert!(cycles(addr) > before, "the decision loop kept cycling");
 
     let o = ctl(&["tune", "results"]);
@@ -290,16 +387,31 @@ fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
     assert!(Path::new(r["study_dir"].as_str().expect("dir")).join("report.svg").exists());
 
     let o = ctl(&["tune", "status"]);
-    assert!(String::from_utf8_lossy(&o.stdout).contains("best flags --enable-prefix-caching") || String::from_utf8_lossy(&o.stdout).contains("best flags --gpu-memory-utilization"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("best flags --enable-prefix-caching")
+            || String::from_utf8_lossy(&o.stdout).contains("best flags --gpu-memory-utilization"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     // Stop a long study half-way, then resume it: the trials done are kept.
     let long = dir.path().join("long.toml");
-    std::fs::write(&long, sim_space(120).replace("name = \"sim\"", "name = \"long\"").replace("strategy = \"tpe\"", "strategy = \"grid\"")).expect("space");
+    std::fs::write(
+        &long,
+        sim_space(120)
+            .replace("name = \"sim\"", "name = \"long\"")
+            .replace("strategy = \"tpe\"", "strategy = \"grid\""),
+    )
+    .expect("space");
     let o = ctl(&["tune", "start", "--space", long.to_str().expect("path"), "--launch", "sim", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
-    let progress = |o: std::process::Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("progress json");
-    wait_for(Duration::from_secs(20), "a few trials", || (progress(ctl(&["tune", "status", "--json"]))["trials_done"].as_u64() >= Some(3)).then_some(()));
+    let progress =
+        |o: std::process::Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("progress json");
+    wait_for(Duration::from_secs(20), "a few trials", || {
+        (progress(ctl(&["tune", "status", "--json"]))["trials_done"].as_u64() >= Some(3)).then_some(())
+    });
     // Results so far are there mid-study.
-    let mid: serde_json::Value = serde_json::from_slice(&ctl(&["tune", "results"]).stdout).expect("result.json mid-study");
+    let mid: serde_json::Value =
+        serde_json::from_slice(&ctl(&["tune", "results"]).stdout).expect("result.json mid-study");
     assert!(mid["trials"].as_u64() >= Some(3), "{mid}");
     let o = ctl(&["tune", "start", "--space", space_path.to_str().expect("path"), "--launch", "sim"]);
     assert_eq!(o.status.code(), Some(1), "one study at a time");
@@ -317,13 +429,16 @@ fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
         (progress(ctl(&["tune", "status", "--json"]))["trials_done"].as_u64() > Some(done)).then_some(())
     });
     assert_eq!(ctl(&["tune", "stop"]).status.code(), Some(0));
-    wait_for(Duration::from_secs(20), "the study to stop", || (progress(ctl(&["tune", "status", "--json"]))["state"] == "stopped").then_some(()));
+    wait_for(Duration::from_secs(20), "the study to stop", || {
+        (progress(ctl(&["tune", "status", "--json"]))["state"] == "stopped").then_some(())
+    });
     // The resumed study kept the first run's trials: one baseline, no point tried twice.
     let r: serde_json::Value = serde_json::from_slice(&ctl(&["tune", "results"]).stdout).expect("result.json");
     let trials = r["all_trials"].as_array().expect("trials");
     assert!(trials.len() as u64 > done);
     assert_eq!(trials.iter().filter(|t| t["kind"] == "baseline").count(), 1);
-    let points: std::collections::BTreeSet<String> = trials.iter().filter(|t| t["kind"] == "search").map(|t| t["flags"].to_string()).collect();
+    let points: std::collections::BTreeSet<String> =
+        trials.iter().filter(|t| t["kind"] == "search").map(|t| t["flags"].to_string()).collect();
     assert_eq!(points.len(), trials.len() - 1, "no point tried twice");
 
     let o = ctl(&["tune", "start", "--space", "/nonexistent.toml", "--launch", "sim"]);
@@ -339,17 +454,29 @@ fn a_dataset_of_request_lengths_is_tuned_on_and_profiled() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rows: String = (0..50).map(|i| format!("{},{}\n", 200 + 40 * (i % 10), 20 + 4 * (i % 5))).collect();
     std::fs::write(dir.path().join("lengths.csv"), format!("input_tokens,output_tokens\n{rows}")).expect("dataset");
-    let space = sim_space(5).replace("buckets = [{ input_tokens = 512, output_tokens = 64 }]", "dataset = \"lengths.csv\"\nbuckets = [{ input_tokens = 2048, output_tokens = 16 }]");
+    let space = sim_space(5).replace(
+        "buckets = [{ input_tokens = 512, output_tokens = 64 }]",
+        "dataset = \"lengths.csv\"\nbuckets = [{ input_tokens = 2048, output_tokens = 16 }]",
+    );
     let space_path = dir.path().join("space.toml");
     std::fs::write(&space_path, space).expect("space");
     let study = dir.path().join("study");
-    let o = tune(&["--space", space_path.to_str().expect("path"), "--launch", "sim", "--study-dir", study.to_str().expect("path"), "--json"]);
+    let o = tune(&[
+        "--space",
+        space_path.to_str().expect("path"),
+        "--launch",
+        "sim",
+        "--study-dir",
+        study.to_str().expect("path"),
+        "--json",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
     let p = CapacityProfile::load(&study.join("capacity-profile.json")).expect("profile");
     // The dataset's mean lengths (380 in, 28 out) first, then the extra bucket.
     let lens: Vec<(u32, u32)> = p.buckets.iter().map(|b| (b.input_tokens, b.output_tokens)).collect();
     assert_eq!(lens, vec![(380, 28), (2048, 16)]);
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(study.join("result.json")).expect("json")).expect("json");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(study.join("result.json")).expect("json")).expect("json");
     let first = &r["all_trials"][0]["buckets"][0]["runs"][0];
     assert_eq!(first["request_rate"], "inf");
     assert_eq!(first["completed"], 100, "`requests` rows replayed: {first}");

@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proto::{
-    decode_body, encode_frame, frame_len, ErrorKind, Hello, ProtoError, Request, Response, Welcome,
-    PROTOCOL_VERSION,
+    decode_body, encode_frame, frame_len, ErrorKind, Hello, ProtoError, Request, Response, Welcome, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -208,7 +207,10 @@ fn peer_of(stream: &UnixStream) -> Result<Peer, ProtoError> {
     Ok(Peer { uid, gid, pid: cred.pid(), groups })
 }
 
-async fn read_frame<T: serde::de::DeserializeOwned>(s: &mut UnixStream, wait_first: Option<Duration>) -> Result<T, ProtoError> {
+async fn read_frame<T: serde::de::DeserializeOwned>(
+    s: &mut UnixStream,
+    wait_first: Option<Duration>,
+) -> Result<T, ProtoError> {
     let mut prefix = [0u8; 4];
     let first = s.read_exact(&mut prefix);
     let got = match wait_first {
@@ -359,7 +361,8 @@ mod tests {
         let path = dir.path().join("agent.sock");
         let socket = ControlSocket::bind(&path).expect("bind").with_max_connections(2);
         let me = nix::unistd::getuid().as_raw();
-        let policy = AccessPolicy { allow_root: false, allow_uids: vec![me], allow_gids: vec![], others_may_read: false };
+        let policy =
+            AccessPolicy { allow_root: false, allow_uids: vec![me], allow_gids: vec![], others_may_read: false };
         let (tx, mut rx) = mpsc::channel::<ControlCall>(8);
         let (stop_tx, stop_rx) = watch::channel(false);
         let server = tokio::spawn(socket.serve(policy, tx, stop_rx));

@@ -31,12 +31,7 @@ pub struct ClockKeeper {
 
 impl ClockKeeper {
     pub fn new(gpu: Arc<dyn GpuBackend>, indices: Vec<u32>) -> Self {
-        Self {
-            gpu,
-            indices,
-            applied: Some(ClockTarget::Default),
-            mismatches: 0,
-        }
+        Self { gpu, indices, applied: Some(ClockTarget::Default), mismatches: 0 }
     }
 
     /// The clock we hold. An unknown state reads as `Default`: we hold no lock we know of, and
@@ -90,7 +85,9 @@ impl ClockKeeper {
     pub fn take_over(&mut self) {
         self.applied = None;
         match self.reset_all() {
-            Ok(()) => info!(gpus = ?self.indices, "clocks given back to the driver at start (a killed agent may have left them locked)"),
+            Ok(()) => {
+                info!(gpus = ?self.indices, "clocks given back to the driver at start (a killed agent may have left them locked)")
+            }
             Err(e) => {
                 warn!(gpus = ?self.indices, error = %e, "could not reset clocks at start; a lock left by a killed agent may remain");
                 self.applied = Some(ClockTarget::Default);

@@ -1,9 +1,7 @@
 //! Answers `agentctl` requests inside the decision loop. Changes made here live until the next
 //! config reload (SIGHUP or `agentctl reload`), which goes back to the file.
 
-use proto::{
-    ErrorKind, GovernorSummary, GpuStatus, ModelCmd, Request, Response, StatusReport, WindowSummary,
-};
+use proto::{ErrorKind, GovernorSummary, GpuStatus, ModelCmd, Request, Response, StatusReport, WindowSummary};
 
 use super::clocks::ClockTarget;
 use super::Agent;
@@ -79,10 +77,9 @@ impl Agent {
             }
             Request::SetSlo { ttft_s, tpot_s } => {
                 let mut policy = self.cfg.policy.clone();
-                for (name, value, slot) in [
-                    ("--ttft", ttft_s, &mut policy.ttft_slo_seconds),
-                    ("--tpot", tpot_s, &mut policy.tpot_slo_seconds),
-                ] {
+                for (name, value, slot) in
+                    [("--ttft", ttft_s, &mut policy.ttft_slo_seconds), ("--tpot", tpot_s, &mut policy.tpot_slo_seconds)]
+                {
                     if let Some(v) = value {
                         if !(v > 0.0 && v <= 600.0) {
                             return bad(format!("{name} {v} must be > 0 and <= 600 seconds"));

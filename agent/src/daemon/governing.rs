@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 use crate::config::{PolicyMode, PolicySection};
-use governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation};
 use governor::store::{export_text, parse_export, Export, Store, SCHEMA_VERSION};
+use governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation};
 use vllm_metrics::Window;
 
 /// Decisions between two saves of the governor's state.
@@ -29,16 +29,26 @@ pub struct Steering {
 impl Steering {
     /// Opens the store in `state_dir`; without one the governor still runs, unpersisted.
     pub fn new(clocks_mhz: Vec<u32>, gpu_model: String, state_dir: &Path, policy: PolicySection) -> Steering {
-        let store = match std::fs::create_dir_all(state_dir).map_err(|e| e.to_string()).and_then(|()| {
-            Store::open(&state_dir.join("governor.sled")).map_err(|e| crate::error_chain(&e))
-        }) {
+        let store = match std::fs::create_dir_all(state_dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| Store::open(&state_dir.join("governor.sled")).map_err(|e| crate::error_chain(&e)))
+        {
             Ok(s) => Some(s),
             Err(e) => {
                 warn!(dir = %state_dir.display(), error = %e, "no state store: the governor will not remember what it learns");
                 None
             }
         };
-        Steering { clocks_mhz, gpu_model, vllm_model: None, governor: None, store, closed_store: None, policy, reset_pending: false }
+        Steering {
+            clocks_mhz,
+            gpu_model,
+            vllm_model: None,
+            governor: None,
+            store,
+            closed_store: None,
+            policy,
+            reset_pending: false,
+        }
     }
 
     /// The governor's mode for the config's policy, None when the governor is not consulted.
@@ -94,7 +104,8 @@ impl Steering {
 
     /// A governor for the current policy, continuing from `restored` when given.
     fn build(&self, restored: Option<governor::GovernorState>) -> Governor {
-        let cfg = GovernorConfig { mode: Self::mode(&self.policy).unwrap_or(Mode::Observe), ..GovernorConfig::default() };
+        let cfg =
+            GovernorConfig { mode: Self::mode(&self.policy).unwrap_or(Mode::Observe), ..GovernorConfig::default() };
         let mut g = Governor::new(cfg, &self.clocks_mhz, restored);
         g.set_slo(self.policy.ttft_slo_seconds, self.policy.tpot_slo_seconds);
         g

@@ -2,8 +2,8 @@
 //! (seconds, hertz, watts, joules, ratios 0..1), counters ending in `_total`.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use governor::{Decision, Phase};
@@ -62,9 +62,7 @@ fn opts(name: &str, help: &str) -> Opts {
 macro_rules! reg {
     ($registry:expr, $metric:expr) => {{
         let m = $metric.expect("metric definition is valid");
-        $registry
-            .register(Box::new(m.clone()))
-            .expect("metric names are unique");
+        $registry.register(Box::new(m.clone())).expect("metric names are unique");
         m
     }};
 }
@@ -105,19 +103,31 @@ impl AgentMetrics {
             vllm_kv_usage: reg!(r, Gauge::with_opts(opts("vllm_kv_cache_usage_ratio", "KV-cache usage, 0..1."))),
             vllm_request_rate: reg!(
                 r,
-                Gauge::with_opts(opts("vllm_request_rate_per_second", "Finished requests per second over the last window."))
+                Gauge::with_opts(opts(
+                    "vllm_request_rate_per_second",
+                    "Finished requests per second over the last window."
+                ))
             ),
             vllm_prompt_rate: reg!(
                 r,
-                Gauge::with_opts(opts("vllm_prompt_tokens_per_second", "Prompt tokens per second over the last window."))
+                Gauge::with_opts(opts(
+                    "vllm_prompt_tokens_per_second",
+                    "Prompt tokens per second over the last window."
+                ))
             ),
             vllm_generation_rate: reg!(
                 r,
-                Gauge::with_opts(opts("vllm_generation_tokens_per_second", "Generated tokens per second over the last window."))
+                Gauge::with_opts(opts(
+                    "vllm_generation_tokens_per_second",
+                    "Generated tokens per second over the last window."
+                ))
             ),
             vllm_prefix_hit: reg!(
                 r,
-                Gauge::with_opts(opts("vllm_prefix_cache_hit_ratio", "Prefix-cache hits over queries in the last window."))
+                Gauge::with_opts(opts(
+                    "vllm_prefix_cache_hit_ratio",
+                    "Prefix-cache hits over queries in the last window."
+                ))
             ),
             vllm_latency: reg!(
                 r,
@@ -144,23 +154,38 @@ impl AgentMetrics {
             ),
             clock_target: reg!(
                 r,
-                Gauge::with_opts(opts("clock_target_hertz", "SM clock the agent has locked; 0 when the driver manages clocks."))
+                Gauge::with_opts(opts(
+                    "clock_target_hertz",
+                    "SM clock the agent has locked; 0 when the driver manages clocks."
+                ))
             ),
-            clock_changes: reg!(r, IntCounter::with_opts(opts("clock_changes_total", "Clock locks and resets applied."))),
-            slo: reg!(
+            clock_changes: reg!(
                 r,
-                GaugeVec::new(opts("slo_objective_seconds", "Configured latency objectives."), &["kind"])
+                IntCounter::with_opts(opts("clock_changes_total", "Clock locks and resets applied."))
             ),
+            slo: reg!(r, GaugeVec::new(opts("slo_objective_seconds", "Configured latency objectives."), &["kind"])),
             slo_violations: reg!(
                 r,
-                IntCounterVec::new(opts("slo_violations_total", "Windows whose mean latency broke an objective."), &["kind"])
+                IntCounterVec::new(
+                    opts("slo_violations_total", "Windows whose mean latency broke an objective."),
+                    &["kind"]
+                )
             ),
-            decisions: reg!(r, IntCounter::with_opts(opts("governor_decisions_total", "Decisions the clock governor made."))),
+            decisions: reg!(
+                r,
+                IntCounter::with_opts(opts("governor_decisions_total", "Decisions the clock governor made."))
+            ),
             phase: reg!(
                 r,
-                GaugeVec::new(opts("governor_phase", "1 for the governor's current phase, 0 for the others."), &["phase"])
+                GaugeVec::new(
+                    opts("governor_phase", "1 for the governor's current phase, 0 for the others."),
+                    &["phase"]
+                )
             ),
-            reward: reg!(r, Gauge::with_opts(opts("governor_reward", "Reward the governor learnt from the last window."))),
+            reward: reg!(
+                r,
+                Gauge::with_opts(opts("governor_reward", "Reward the governor learnt from the last window."))
+            ),
             edp: reg!(
                 r,
                 Gauge::with_opts(opts(
@@ -168,7 +193,10 @@ impl AgentMetrics {
                     "Energy per generated token times mean time per output token, last window."
                 ))
             ),
-            converged: reg!(r, IntGauge::with_opts(opts("governor_converged", "1 once the governor has settled on a clock."))),
+            converged: reg!(
+                r,
+                IntGauge::with_opts(opts("governor_converged", "1 once the governor has settled on a clock."))
+            ),
             advisor: advisor::metrics::AdvisorMetrics::new(&r).expect("advisor metric definitions are valid"),
             registry: r,
         }

@@ -1,6 +1,7 @@
 //! The daemon: one decision loop per vLLM process. Each cycle scrapes vLLM, reads the GPUs,
 //! decides a clock, applies it and records everything; signals reset clocks or reload config.
 
+mod advice_report;
 pub mod clocks;
 mod control;
 pub mod governing;
@@ -8,7 +9,6 @@ pub mod metrics;
 pub mod routes;
 pub mod systemd;
 mod tune;
-mod advice_report;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,11 +21,11 @@ use tracing::{error, info, warn};
 
 use crate::backends;
 use crate::config::{Config, ConfigError, GpuBackendKind, PolicyMode};
+use clocks::{ClockKeeper, ClockTarget};
 use governor::Decision;
 use gpu::{GpuBackend, GpuError, GpuInfo, GpuSample};
-use vllm_metrics::{Scraper, Snapshot, Window};
-use clocks::{ClockKeeper, ClockTarget};
 use metrics::AgentMetrics;
+use vllm_metrics::{Scraper, Snapshot, Window};
 
 /// Consecutive failed scrapes after which clocks go back to the driver.
 pub const VLLM_DOWN_AFTER: u32 = 2;
@@ -588,8 +588,7 @@ fn summarise(w: Option<&Window>, samples: &[GpuSample], clock: ClockTarget) {
         ),
         None => "no window".into(),
     };
-    let gpus: Vec<String> =
-        samples.iter().map(|s| format!("{} MHz {:.0} W", s.sm_clock_mhz, s.power_w)).collect();
+    let gpus: Vec<String> = samples.iter().map(|s| format!("{} MHz {:.0} W", s.sm_clock_mhz, s.power_w)).collect();
     let clock = match clock {
         ClockTarget::Default => "driver".to_string(),
         ClockTarget::Locked(m) => format!("locked {m} MHz"),

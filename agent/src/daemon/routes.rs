@@ -69,11 +69,7 @@ impl AgentRoutes {
 impl Routes for AgentRoutes {
     fn get(&self, path: &str) -> Reply {
         match path {
-            "/metrics" => Reply {
-                status: StatusCode::OK,
-                content_type: PROMETHEUS_TEXT,
-                body: self.metrics.render(),
-            },
+            "/metrics" => Reply { status: StatusCode::OK, content_type: PROMETHEUS_TEXT, body: self.metrics.render() },
             "/healthz" => {
                 let st = self.status.read().unwrap_or_else(|p| p.into_inner());
                 // Alive while cycles keep coming; before the first cycle give it a grace period.
@@ -116,8 +112,8 @@ impl Routes for AgentRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use advisor::{Advisor, Context};
     use crate::config::AdvisorSection;
+    use advisor::{Advisor, Context};
 
     fn status(replicas: Option<u32>) -> super::super::Status {
         let cfg = AdvisorSection { namespace: "ml".into(), deployment: "llama".into(), ..AdvisorSection::default() };

@@ -66,7 +66,10 @@ impl TuneService {
             TuneCmd::Start(req) => {
                 if self.is_running() {
                     let p = self.snapshot();
-                    return err(ErrorKind::Failed, format!("study `{}` is running in {}; `agentctl tune stop` first", p.study, p.study_dir));
+                    return err(
+                        ErrorKind::Failed,
+                        format!("study `{}` is running in {}; `agentctl tune stop` first", p.study, p.study_dir),
+                    );
                 }
                 let cfg = match tuner::study_config(&req, &state_dir.join("tune"), self.in_process.clone()) {
                     Ok(c) => c,
@@ -112,7 +115,9 @@ impl TuneService {
                 self.progress()
             }
             TuneCmd::Results => {
-                let Some(r) = &self.current else { return err(ErrorKind::Failed, "no study has run since the agent started") };
+                let Some(r) = &self.current else {
+                    return err(ErrorKind::Failed, "no study has run since the agent started");
+                };
                 let path = r.dir.join("result.json");
                 match std::fs::read_to_string(&path) {
                     Ok(text) if text.len() <= MAX_RESULTS_BYTES => Response::Tune(TuneReply::Results(text)),

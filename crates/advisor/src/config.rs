@@ -121,9 +121,11 @@ impl AdvisorConfig {
             return Err(invalid("advisor.model_name", "must not contain quotes, backslashes or newlines"));
         }
         if !matches!(self.aibrix_units_per_replica, 1 | 100) {
-            return Err(invalid("advisor.aibrix_units_per_replica", format!("{} must be 1 or 100", self.aibrix_units_per_replica)));
+            return Err(invalid(
+                "advisor.aibrix_units_per_replica",
+                format!("{} must be 1 or 100", self.aibrix_units_per_replica),
+            ));
         }
         Ok(())
     }
 }
-

@@ -20,11 +20,11 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use vllm_metrics::Window;
 use capacity::{Capacity, Load, Profiles};
 use demand::{Demand, DemandTracker};
 use online::{Objectives, OnlineModel};
 use suggest::{Policy, Suggester, Suggestion};
+use vllm_metrics::Window;
 
 /// A queue is planned to drain within this many seconds: waiting requests add
 /// `waiting / DRAIN_S` to the arrival rate the replicas must serve.

@@ -39,11 +39,11 @@ use nalgebra::DVector;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
-use vllm_metrics::Window;
 use context::{ContextBuilder, DIM, RAW};
 use linucb::{LinUcb, LinUcbState};
 use prune::{ArmStats, PruneReason, PruneRules};
 use reward::{Outcome, RewardShape, Slo};
+use vllm_metrics::Window;
 
 /// What the agent asks of the SM clock. Same shape as the daemon's clock target, so the
 /// daemon can use this type directly (`pub use crate::ClockTarget`).
@@ -609,7 +609,8 @@ impl Governor {
         let pending = self.pending.take();
         let learnable = !matches!(self.cfg.mode, Mode::Pinned(_));
         if let (true, Some(b), Some(e)) = (learnable, self.baseline_edp, edp_learn) {
-            let shape = RewardShape { slo_aware: self.cfg.mode != Mode::Edp && self.cfg.reward.slo_aware, ..self.cfg.reward };
+            let shape =
+                RewardShape { slo_aware: self.cfg.mode != Mode::Edp && self.cfg.reward.slo_aware, ..self.cfg.reward };
             let r = reward::reward(e, b, &slo, &shape);
             // The context the clock was chosen in; observing mode has no choice, so it uses
             // the window's own features.
@@ -679,11 +680,18 @@ impl Governor {
         let mut pruned = prune::prune(&mut stats, &self.cfg.prune, self.round, &protect);
         // The historical rule on what the models expect of a typical window (the normaliser's
         // mean): one burst's context would let one arm's extrapolation prune its neighbours.
-        let typical: Option<[f64; RAW]> = (self.ctx.norm.n >= 2).then(|| self.ctx.norm.mean.as_slice().try_into().ok()).flatten();
+        let typical: Option<[f64; RAW]> =
+            (self.ctx.norm.n >= 2).then(|| self.ctx.norm.mean.as_slice().try_into().ok()).flatten();
         if let Some(raw) = typical {
             let cx = self.ctx.context_of(&raw);
             let expected: Vec<f64> = (0..self.arms.len()).map(|i| self.expected(i, &cx, &raw)).collect();
-            pruned.extend(prune::prune_by_expectation(&mut stats, &expected, self.cfg.prune_gap, self.cfg.prune.historical_min_tries, &protect));
+            pruned.extend(prune::prune_by_expectation(
+                &mut stats,
+                &expected,
+                self.cfg.prune_gap,
+                self.cfg.prune.historical_min_tries,
+                &protect,
+            ));
         }
         for (mhz, why) in pruned {
             if let Some(arm) = self.arms.iter_mut().find(|x| x.mhz() == mhz) {
@@ -833,12 +841,21 @@ impl Governor {
         ema(&mut self.short_ema, 0.3);
         ema(&mut self.long_ema, 0.03);
         match (&self.short_ema, &self.long_ema) {
-            (Some(s), Some(l)) => s.iter().zip(l).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() > self.cfg.shift_threshold,
+            (Some(s), Some(l)) => {
+                s.iter().zip(l).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt() > self.cfg.shift_threshold
+            }
             _ => false,
         }
     }
 
-    fn choose(&mut self, obs: &Observation, x: Option<DVector<f64>>, raw: &[f64; RAW], violated: bool, d: &mut Decision) -> ClockTarget {
+    fn choose(
+        &mut self,
+        obs: &Observation,
+        x: Option<DVector<f64>>,
+        raw: &[f64; RAW],
+        violated: bool,
+        d: &mut Decision,
+    ) -> ClockTarget {
         let Some(max_i) = self.max_arm() else { return obs.applied };
         let max_target = ClockTarget::Locked(self.arms[max_i].mhz());
         let slo_mode = self.cfg.mode == Mode::Slo;
@@ -865,7 +882,9 @@ impl Governor {
             // Idle: nothing to learn from; park at the lowest explored clock (never below the
             // GPU's minimum), from where the first busy window moves up.
             d.phase = Phase::Idle;
-            let park = ClockTarget::Locked(self.arms.iter().find(|a| a.stats.active()).map_or(self.arms[max_i].mhz(), Arm::mhz));
+            let park = ClockTarget::Locked(
+                self.arms.iter().find(|a| a.stats.active()).map_or(self.arms[max_i].mhz(), Arm::mhz),
+            );
             let target = self.rate_limited(obs.applied, park);
             self.parked = target == park;
             return target;
@@ -892,9 +911,9 @@ impl Governor {
         let (pick, phase) = if !self.sweep_done {
             // Sweep: the first untried coarse clock in down-then-up order.
             let coarse: Vec<u32> = self.arms.iter().filter(|a| a.coarse).map(Arm::mhz).collect();
-            let next = sweep_order(&coarse)
-                .into_iter()
-                .find_map(|m| candidates.iter().copied().find(|&i| self.arms[i].mhz() == m && self.arms[i].stats.tries == 0));
+            let next = sweep_order(&coarse).into_iter().find_map(|m| {
+                candidates.iter().copied().find(|&i| self.arms[i].mhz() == m && self.arms[i].stats.tries == 0)
+            });
             match next {
                 Some(i) => (i, Phase::Explore),
                 None => {
@@ -931,7 +950,8 @@ impl Governor {
                 }
             }
         }
-        let target = if parked { ClockTarget::Locked(mhz) } else { self.rate_limited(obs.applied, ClockTarget::Locked(mhz)) };
+        let target =
+            if parked { ClockTarget::Locked(mhz) } else { self.rate_limited(obs.applied, ClockTarget::Locked(mhz)) };
         if let Some(i) = self.arm_of(target) {
             self.pending = Some((i, x));
         }
@@ -954,8 +974,11 @@ impl Governor {
         let alpha = self.alpha();
         // Optimism from both models: the shared curve's uncertainty at this clock and the
         // arm's own.
-        let score = |i: usize| self.shared.ucb(&self.shared_features(raw, self.arms[i].mhz()), alpha) + self.arms[i].model.ucb(x, alpha);
-        let mut pick = candidates.iter().copied().max_by(|&a, &b| score(a).total_cmp(&score(b))).unwrap_or(self.arms.len() - 1);
+        let score = |i: usize| {
+            self.shared.ucb(&self.shared_features(raw, self.arms[i].mhz()), alpha) + self.arms[i].model.ucb(x, alpha)
+        };
+        let mut pick =
+            candidates.iter().copied().max_by(|&a, &b| score(a).total_cmp(&score(b))).unwrap_or(self.arms.len() - 1);
         if self.converged {
             if let Some(cur) = self.last_target.and_then(|t| self.arm_of(t)).filter(|c| candidates.contains(c)) {
                 if score(pick) - score(cur) < self.cfg.hysteresis {

@@ -21,7 +21,6 @@ use nalgebra::DVector;
 
 use super::context::RAW;
 
-
 /// The load features the shared model uses, as indices into the raw features: prompt and
 /// generated tokens per second and the prefill share. They are what the clients ask for, so
 /// they do not depend on the clock in the long run; queue, running requests, KV usage and

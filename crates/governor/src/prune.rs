@@ -144,9 +144,17 @@ pub fn prune(arms: &mut [ArmStats], rules: &PruneRules, round: u64, protect: &[u
 /// tried at night; the models hold the load fixed. An arm tried at least `min_tries` times
 /// whose expected reward trails the best tried arm's by more than `gap` (log EDP: 0.15 is 16%
 /// worse) is dropped.
-pub fn prune_by_expectation(arms: &mut [ArmStats], expected: &[f64], gap: f64, min_tries: u64, protect: &[u32]) -> Vec<(u32, PruneReason)> {
+pub fn prune_by_expectation(
+    arms: &mut [ArmStats],
+    expected: &[f64],
+    gap: f64,
+    min_tries: u64,
+    protect: &[u32],
+) -> Vec<(u32, PruneReason)> {
     let tried = |a: &ArmStats| a.active() && a.tries >= min_tries;
-    let Some(best) = arms.iter().zip(expected).filter(|(a, e)| tried(a) && e.is_finite()).map(|(_, e)| *e).max_by(f64::total_cmp) else {
+    let Some(best) =
+        arms.iter().zip(expected).filter(|(a, e)| tried(a) && e.is_finite()).map(|(_, e)| *e).max_by(f64::total_cmp)
+    else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -224,7 +232,12 @@ mod tests {
 
     #[test]
     fn expectation_rule_drops_clear_losers_among_tried_arms() {
-        let mut arms = vec![arm(900, &[0.0; 3], &[]), arm(1200, &[0.0; 3], &[]), arm(1500, &[0.0; 3], &[]), arm(1980, &[0.0; 1], &[])];
+        let mut arms = vec![
+            arm(900, &[0.0; 3], &[]),
+            arm(1200, &[0.0; 3], &[]),
+            arm(1500, &[0.0; 3], &[]),
+            arm(1980, &[0.0; 1], &[]),
+        ];
         let expected = [-0.30, 0.0, -0.10, -0.50];
         let got = prune_by_expectation(&mut arms, &expected, 0.15, 3, &[]);
         assert_eq!(got, vec![(900, PruneReason::Historical)], "1500 is within the gap, 1980 untried enough");

@@ -37,7 +37,8 @@ impl Outcome {
         let count = |r: Option<f64>| r.filter(|r| r.is_finite() && *r >= 0.0).map_or(0.0, |r| r * w.seconds);
         let tokens = count(w.generation_tokens_rate);
         let prompt_tokens = count(w.prompt_tokens_rate);
-        let mean = |l: &Option<vllm_metrics::Latency>| l.as_ref().and_then(|l| l.mean).filter(|v| v.is_finite() && *v >= 0.0);
+        let mean =
+            |l: &Option<vllm_metrics::Latency>| l.as_ref().and_then(|l| l.mean).filter(|v| v.is_finite() && *v >= 0.0);
         Self { tokens, prompt_tokens, energy_j, seconds, ttft_s: mean(&w.ttft), tpot_s: mean(&w.itl) }
     }
 
@@ -60,10 +61,7 @@ impl Outcome {
     }
 
     pub fn slo_check(&self, slo: &Slo) -> SloCheck {
-        SloCheck {
-            ttft_ratio: self.ttft_s.map(|t| t / slo.ttft_s),
-            tpot_ratio: self.tpot_s.map(|t| t / slo.tpot_s),
-        }
+        SloCheck { ttft_ratio: self.ttft_s.map(|t| t / slo.ttft_s), tpot_ratio: self.tpot_s.map(|t| t / slo.tpot_s) }
     }
 }
 
@@ -166,7 +164,14 @@ mod tests {
 
     #[test]
     fn edp_per_token_is_energy_per_token_times_tpot() {
-        let o = Outcome { tokens: 1000.0, prompt_tokens: 2000.0, energy_j: 300.0, seconds: 1.0, ttft_s: Some(0.1), tpot_s: Some(0.02) };
+        let o = Outcome {
+            tokens: 1000.0,
+            prompt_tokens: 2000.0,
+            energy_j: 300.0,
+            seconds: 1.0,
+            ttft_s: Some(0.1),
+            tpot_s: Some(0.02),
+        };
         assert!((o.edp_per_token().expect("defined") - 0.3 * 0.02).abs() < 1e-15);
         assert!((o.power_delay().expect("defined") - 300.0 * 0.02).abs() < 1e-12);
         assert_eq!(Outcome { tokens: 0.0, prompt_tokens: 0.0, ..o }.power_delay(), None, "nothing served");

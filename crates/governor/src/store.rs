@@ -110,7 +110,13 @@ impl Store {
             Ok(None) => Ok(None),
             Ok(Some(env)) if env.version == SCHEMA_VERSION => Ok(Some(env.state)),
             Ok(Some(env)) => {
-                warn!(gpu_model, vllm_model, found = env.version, expected = SCHEMA_VERSION, "stored governor state has another schema version; dropping it");
+                warn!(
+                    gpu_model,
+                    vllm_model,
+                    found = env.version,
+                    expected = SCHEMA_VERSION,
+                    "stored governor state has another schema version; dropping it"
+                );
                 self.inner.remove(&key)?;
                 Ok(None)
             }
@@ -136,7 +142,10 @@ impl Store {
             .filter_map(|(k, _)| {
                 let rest = k.strip_prefix(PREFIX)?;
                 let cut = rest.iter().position(|b| *b == 0)?;
-                Some((String::from_utf8_lossy(&rest[..cut]).into_owned(), String::from_utf8_lossy(&rest[cut + 1..]).into_owned()))
+                Some((
+                    String::from_utf8_lossy(&rest[..cut]).into_owned(),
+                    String::from_utf8_lossy(&rest[cut + 1..]).into_owned(),
+                ))
             })
             .collect())
     }
@@ -152,9 +161,16 @@ pub fn export_text(e: &Export) -> Result<String, StoreError> {
 pub fn parse_export(text: &str, file: &Path) -> Result<Export, StoreError> {
     let format = |source| StoreError::Format { path: file.to_owned(), source };
     let v: serde_json::Value = serde_json::from_str(text).map_err(format)?;
-    let found = v.get("schema_version").and_then(serde_json::Value::as_u64).ok_or_else(|| StoreError::NoVersion { path: file.to_owned() })?;
+    let found = v
+        .get("schema_version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| StoreError::NoVersion { path: file.to_owned() })?;
     if found != u64::from(SCHEMA_VERSION) {
-        return Err(StoreError::Version { path: file.to_owned(), found: u32::try_from(found).unwrap_or(u32::MAX), expected: SCHEMA_VERSION });
+        return Err(StoreError::Version {
+            path: file.to_owned(),
+            found: u32::try_from(found).unwrap_or(u32::MAX),
+            expected: SCHEMA_VERSION,
+        });
     }
     serde_json::from_value(v).map_err(format)
 }
@@ -211,7 +227,8 @@ mod tests {
         for e in std::fs::read_dir(&path).expect("sled dir") {
             let p = e.expect("entry").path();
             if p.is_file() {
-                std::fs::write(&p, b"\xde\xad\xbe\xef garbage garbage garbage \x00\x01\x02".repeat(64)).expect("overwrite");
+                std::fs::write(&p, b"\xde\xad\xbe\xef garbage garbage garbage \x00\x01\x02".repeat(64))
+                    .expect("overwrite");
                 wrote += 1;
             }
         }
@@ -256,7 +273,12 @@ mod tests {
     #[test]
     fn export_import_json_with_version_check() {
         let s = learnt_state();
-        let e = Export { schema_version: SCHEMA_VERSION, gpu_model: "gpu".into(), vllm_model: "model".into(), state: s.clone() };
+        let e = Export {
+            schema_version: SCHEMA_VERSION,
+            gpu_model: "gpu".into(),
+            vllm_model: "model".into(),
+            state: s.clone(),
+        };
         let text = export_text(&e).expect("export");
         let back = parse_export(&text, Path::new("x.json")).expect("imports");
         assert_eq!((back.gpu_model.as_str(), back.vllm_model.as_str()), ("gpu", "model"));

@@ -52,10 +52,15 @@ impl Synthetic {
 
 /// Equal up to the last bits of the floats (JSON text need not round-trip them exactly).
 pub(crate) fn assert_states_close(a: &GovernorState, b: &GovernorState) {
-    let close = |x: &[f64], y: &[f64]| x.len() == y.len() && x.iter().zip(y).all(|(p, q)| (p - q).abs() <= 1e-12 * (1.0 + p.abs()));
+    let close = |x: &[f64], y: &[f64]| {
+        x.len() == y.len() && x.iter().zip(y).all(|(p, q)| (p - q).abs() <= 1e-12 * (1.0 + p.abs()))
+    };
     assert_eq!(a.arms.len(), b.arms.len());
     for (x, y) in a.arms.iter().zip(&b.arms) {
-        assert_eq!((x.stats.mhz, x.stats.tries, x.stats.pruned, x.coarse), (y.stats.mhz, y.stats.tries, y.stats.pruned, y.coarse));
+        assert_eq!(
+            (x.stats.mhz, x.stats.tries, x.stats.pruned, x.coarse),
+            (y.stats.mhz, y.stats.tries, y.stats.pruned, y.coarse)
+        );
         assert!(close(&x.model.a, &y.model.a) && close(&x.model.b, &y.model.b), "arm {}", x.stats.mhz);
     }
     assert!(close(&a.context.norm.mean, &b.context.norm.mean) && close(&a.context.norm.var, &b.context.norm.var));
@@ -100,7 +105,10 @@ fn converges_near_the_best_edp_clock_within_60_decisions() {
     let ds = run(&mut g, &mut env, 150);
     let after = g.converged_after().expect("converged");
     assert!(after < 60, "converged after {after}");
-    let best = (900..=1980).step_by(15).min_by(|a, b| Synthetic::edp(*a, 1.0).total_cmp(&Synthetic::edp(*b, 1.0))).expect("clocks");
+    let best = (900..=1980)
+        .step_by(15)
+        .min_by(|a, b| Synthetic::edp(*a, 1.0).total_cmp(&Synthetic::edp(*b, 1.0)))
+        .expect("clocks");
     let last: Vec<u32> = ds[120..].iter().map(|d| locked(d.target)).collect();
     let mean = last.iter().map(|m| f64::from(*m)).sum::<f64>() / last.len() as f64;
     // The synthetic curve is flat at the bottom (1200 and 1380 MHz are within 0.7% of the
@@ -173,7 +181,8 @@ fn observe_mode_never_changes_the_clock_but_learns() {
 
 #[test]
 fn pinned_mode_snaps_and_respects_the_minimum() {
-    let mut g = Governor::new(GovernorConfig { mode: Mode::Pinned(1203), ..GovernorConfig::default() }, &h100_clocks(), None);
+    let mut g =
+        Governor::new(GovernorConfig { mode: Mode::Pinned(1203), ..GovernorConfig::default() }, &h100_clocks(), None);
     let mut env = Synthetic::new(5);
     let ds = run(&mut g, &mut env, 3);
     assert!(ds.iter().all(|d| d.target == ClockTarget::Locked(1200) && d.phase == Phase::Pinned));
@@ -222,7 +231,8 @@ fn state_round_trips_and_a_restored_governor_keeps_its_knowledge() {
     let back: GovernorState = serde_json::from_str(&json).expect("deserialises");
     assert_states_close(&back, &s);
     let bytes = bincode::serde::encode_to_vec(&s, bincode::config::standard()).expect("encodes");
-    let (back, _): (GovernorState, usize) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).expect("decodes");
+    let (back, _): (GovernorState, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).expect("decodes");
     assert_eq!(back, s, "bincode is exact");
     let mut h = Governor::new(cfg.clone(), &h100_clocks(), Some(back));
     assert_eq!(h.arms_mhz(), g.arms_mhz());
@@ -288,7 +298,10 @@ fn decide_timing() {
     }
     times.sort_by(f64::total_cmp);
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    println!("decide(): mean {mean:.2} us, p50 {:.2} us, p99 {:.2} us, max {:.2} us", times[1000], times[1980], times[1999]);
+    println!(
+        "decide(): mean {mean:.2} us, p50 {:.2} us, p99 {:.2} us, max {:.2} us",
+        times[1000], times[1980], times[1999]
+    );
     assert!(mean < 50.0);
 }
 
@@ -319,7 +332,8 @@ fn sweeps_again_when_the_load_far_exceeds_the_sweeps() {
     let cfg = GovernorConfig { mode: Mode::Edp, ..GovernorConfig::default() };
     let g0 = Governor::new(cfg.clone(), &h100_clocks(), None);
     let coarse = g0.arms_mhz();
-    let coarse_visited = |day: &[Decision]| coarse.iter().filter(|m| day.iter().any(|d| locked(d.target) == **m)).count();
+    let coarse_visited =
+        |day: &[Decision]| coarse.iter().filter(|m| day.iter().any(|d| locked(d.target) == **m)).count();
     let (_, day) = night_then_day(cfg.clone());
     assert!(day.iter().any(|d| !d.converged), "the day's load restarted learning");
     // Swept again (the lowest clocks break the TPOT objective, which ends a sweep early).

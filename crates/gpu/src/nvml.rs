@@ -67,9 +67,7 @@ fn read_info(index: u32, d: &Device<'_>) -> Result<GpuInfo, GpuError> {
         .into_iter()
         .max()
         .unwrap_or(0);
-    let mut clocks = d
-        .supported_graphics_clocks(mem)
-        .map_err(|e| call_err(index, "supported_graphics_clocks", e))?;
+    let mut clocks = d.supported_graphics_clocks(mem).map_err(|e| call_err(index, "supported_graphics_clocks", e))?;
     clocks.sort_unstable();
     clocks.dedup();
     // Not every board reports a limit; 0 means unknown, and clocks still work without it.
@@ -114,9 +112,7 @@ impl GpuBackend for NvmlGpu {
             sm_clock_mhz: d.clock_info(Clock::SM).map_err(|e| call_err(index, "clock_info", e))?,
             mem_clock_mhz: d.clock_info(Clock::Memory).map_err(|e| call_err(index, "clock_info", e))?,
             power_w: f64::from(d.power_usage().map_err(|e| call_err(index, "power_usage", e))?) / 1000.0,
-            energy_j: d
-                .total_energy_consumption()
-                .map_err(|e| call_err(index, "total_energy_consumption", e))? as f64
+            energy_j: d.total_energy_consumption().map_err(|e| call_err(index, "total_energy_consumption", e))? as f64
                 / 1000.0,
             gpu_util_pct: util.gpu,
             mem_util_pct: util.memory,

@@ -7,21 +7,33 @@
 //! their best first reached 95% (and 99%) of it: median and worst (`>budget` when never).
 
 use std::path::PathBuf;
-use tuner::study::SharedProgress;
 use std::sync::Arc;
+use tuner::study::SharedProgress;
 
 use sim::tune::VirtualServers;
-use tuner::{run_study, SearchSpace, StudyConfig, Strategy};
+use tuner::{run_study, SearchSpace, Strategy, StudyConfig};
 
 /// Runs one study on the simulator and returns each trial's score in trial order (baseline
 /// first; None: failed).
-fn study(space: &SearchSpace, strategy: Strategy, seed: u64, trials: u32, dir: &std::path::Path) -> anyhow::Result<Vec<Option<f64>>> {
+fn study(
+    space: &SearchSpace,
+    strategy: Strategy,
+    seed: u64,
+    trials: u32,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<Option<f64>>> {
     let mut s = space.clone();
     s.study.strategy = strategy;
     s.study.seed = seed;
     s.study.trials = trials;
     s.study.gpu_sets = vec!["0".into()];
-    let cfg = StudyConfig { space: s, launch: "sim".into(), servers: Arc::new(VirtualServers), dir: dir.to_path_buf(), fresh: true };
+    let cfg = StudyConfig {
+        space: s,
+        launch: "sim".into(),
+        servers: Arc::new(VirtualServers),
+        dir: dir.to_path_buf(),
+        fresh: true,
+    };
     let rt = tokio::runtime::Runtime::new()?;
     let (_tx, rx) = tokio::sync::watch::channel(false);
     rt.block_on(run_study(cfg, SharedProgress::default(), rx))?;

@@ -162,7 +162,9 @@ impl Agft {
         let check = outcome.slo_check(&self.slo);
         // AGFT's EDP: window energy x mean TPOT (not per token).
         let edp = outcome.tpot_s.map(|tpot| obs.energy_j * tpot).filter(|e| e.is_finite() && *e > 0.0);
-        let busy = w.num_requests_running.unwrap_or(0.0) > 0.0 || w.num_requests_waiting.unwrap_or(0.0) > 0.0 || outcome.tokens > 0.0;
+        let busy = w.num_requests_running.unwrap_or(0.0) > 0.0
+            || w.num_requests_waiting.unwrap_or(0.0) > 0.0
+            || outcome.tokens > 0.0;
         let mut d = Decision {
             target: obs.applied,
             phase: Phase::Explore,
@@ -192,7 +194,8 @@ impl Agft {
                 }
             }
             if self.baseline_samples.len() >= BASELINE_WINDOWS {
-                self.baseline = Some(0.9 * self.baseline_samples.iter().sum::<f64>() / self.baseline_samples.len() as f64);
+                self.baseline =
+                    Some(0.9 * self.baseline_samples.iter().sum::<f64>() / self.baseline_samples.len() as f64);
             }
             d.target = ClockTarget::Default;
             d.phase = Phase::Observe;

@@ -19,12 +19,12 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::agft::Agft;
-use governor::reward::{edp_per_token, Slo};
 use crate::trace::Trace;
+use governor::reward::{edp_per_token, Slo};
 use governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation, Phase};
-use sim::gpu::SimGpu;
 use gpu::{GpuBackend, GpuError};
 use sim::engine::{Engine, EngineConfig, SimRequest};
+use sim::gpu::SimGpu;
 use vllm_metrics::{ParseError, Snapshot, Window};
 
 /// Spacing of the oracle's clock sweep.
@@ -155,7 +155,15 @@ trait Controller {
 }
 
 fn fixed_decision(target: ClockTarget) -> Decision {
-    Decision { target, phase: Phase::Pinned, reward: None, edp_per_token: None, slo_violated: false, alpha: 0.0, converged: false }
+    Decision {
+        target,
+        phase: Phase::Pinned,
+        reward: None,
+        edp_per_token: None,
+        slo_violated: false,
+        alpha: 0.0,
+        converged: false,
+    }
 }
 
 struct Fixed(ClockTarget);
@@ -282,7 +290,8 @@ fn oracle(trace: &Trace, opts: &BenchOptions, clocks: &[u32]) -> Result<Run, Ben
     for &mhz in &sweep {
         let run = simulate(trace, opts, &mut Fixed(ClockTarget::Locked(mhz)))?;
         for (s, (start, end)) in bounds.iter().enumerate() {
-            let ws: Vec<&WindowRecord> = run.windows.iter().filter(|w| w.end > *start && w.end <= *end + 1e-9).collect();
+            let ws: Vec<&WindowRecord> =
+                run.windows.iter().filter(|w| w.end > *start && w.end <= *end + 1e-9).collect();
             let busy = ws.iter().filter(|w| w.busy).count();
             let bad = ws.iter().filter(|w| w.violated).count();
             let ok = busy == 0 || (bad as f64) <= ORACLE_MAX_VIOLATIONS * busy as f64;
@@ -290,7 +299,11 @@ fn oracle(trace: &Trace, opts: &BenchOptions, clocks: &[u32]) -> Result<Run, Ben
             let tokens: f64 = ws.iter().map(|w| w.tokens).sum();
             let (isum, icount) = ws.iter().fold((0.0, 0.0), |a, w| (a.0 + w.itl_sum, a.1 + w.itl_count));
             // A segment without tokens is judged on energy alone.
-            let score = if icount > 0.0 { edp_per_token(energy, tokens, isum / icount).unwrap_or(f64::INFINITY) } else { energy };
+            let score = if icount > 0.0 {
+                edp_per_token(energy, tokens, isum / icount).unwrap_or(f64::INFINITY)
+            } else {
+                energy
+            };
             let better = match best[s] {
                 None => true,
                 Some((q, e, _)) => (ok && !q) || (ok == q && score < e),
@@ -300,7 +313,8 @@ fn oracle(trace: &Trace, opts: &BenchOptions, clocks: &[u32]) -> Result<Run, Ben
             }
         }
     }
-    let spans: Vec<(f64, u32)> = bounds.iter().zip(&best).map(|((_, end), b)| (*end, b.map_or(max, |b| if b.0 { b.2 } else { max }))).collect();
+    let spans: Vec<(f64, u32)> =
+        bounds.iter().zip(&best).map(|((_, end), b)| (*end, b.map_or(max, |b| if b.0 { b.2 } else { max }))).collect();
     let clocks_used: Vec<u32> = spans.iter().map(|s| s.1).collect();
     let mut run = simulate(trace, opts, &mut Schedule { spans, period: opts.period_s })?;
     run.report.segment_clocks_mhz = Some(clocks_used);
@@ -311,7 +325,8 @@ fn oracle(trace: &Trace, opts: &BenchOptions, clocks: &[u32]) -> Result<Run, Ben
 fn simulate(trace: &Trace, opts: &BenchOptions, ctl: &mut dyn Controller) -> Result<Run, BenchError> {
     let (gpu, clocks) = h100()?;
     let max = clocks[clocks.len() - 1];
-    let mut engine = Engine::new(EngineConfig::default(), Arc::clone(&gpu)).map_err(|e| BenchError::Engine(e.to_string()))?;
+    let mut engine =
+        Engine::new(EngineConfig::default(), Arc::clone(&gpu)).map_err(|e| BenchError::Engine(e.to_string()))?;
     let slo = Slo { ttft_s: opts.ttft_slo_s, tpot_s: opts.tpot_slo_s };
     let mut arrivals = trace.schedule.arrivals(opts.seed).peekable();
     let end = trace.duration_s();
@@ -332,7 +347,12 @@ fn simulate(trace: &Trace, opts: &BenchOptions, ctl: &mut dyn Controller) -> Res
                 if a.at_s > engine.now() {
                     break;
                 }
-                engine.submit(SimRequest { prompt_tokens: a.prompt_tokens, max_tokens: a.max_tokens, prefix_id: None, prefix_tokens: 0 });
+                engine.submit(SimRequest {
+                    prompt_tokens: a.prompt_tokens,
+                    max_tokens: a.max_tokens,
+                    prefix_id: None,
+                    prefix_tokens: 0,
+                });
                 arrivals.next();
             }
             let now = engine.now();
@@ -366,7 +386,9 @@ fn simulate(trace: &Trace, opts: &BenchOptions, ctl: &mut dyn Controller) -> Res
         decide_us_max = decide_us_max.max(us);
 
         let outcome = governor::reward::Outcome::from_window(&window, energy, seconds);
-        let lat = |l: &Option<vllm_metrics::Latency>| l.as_ref().map_or((0.0, 0.0), |l| (l.mean.unwrap_or(0.0) * l.count, l.count));
+        let lat = |l: &Option<vllm_metrics::Latency>| {
+            l.as_ref().map_or((0.0, 0.0), |l| (l.mean.unwrap_or(0.0) * l.count, l.count))
+        };
         let (itl_sum, itl_count) = lat(&window.itl);
         let busy = outcome.tokens > 0.0 || window.ttft.as_ref().is_some_and(|l| l.count > 0.0);
         let clock = match applied {
@@ -441,7 +463,11 @@ mod tests {
     use super::*;
 
     fn tiny() -> Trace {
-        Trace::from_csv("tiny", "seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens\n20,4,200,300\n10,0,200,300\n").expect("valid")
+        Trace::from_csv(
+            "tiny",
+            "seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens\n20,4,200,300\n10,0,200,300\n",
+        )
+        .expect("valid")
     }
 
     #[test]
@@ -536,6 +562,9 @@ mod tests {
     #[test]
     fn bad_options_are_rejected() {
         let opts = BenchOptions { ttft_slo_s: 0.0, ..BenchOptions::default() };
-        assert!(matches!(run_bench(&tiny(), BenchPolicy::Default, &opts), Err(BenchError::Option { field: "ttft_slo", .. })));
+        assert!(matches!(
+            run_bench(&tiny(), BenchPolicy::Default, &opts),
+            Err(BenchError::Option { field: "ttft_slo", .. })
+        ));
     }
 }

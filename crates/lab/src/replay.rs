@@ -18,13 +18,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use advisor::online::Objectives;
-use advisor::{Advisor, Context};
-use advisor::AdvisorConfig;
 use crate::trace::Trace;
-use sim::gpu::SimGpu;
-use sim::engine::{Engine, EngineConfig, SimRequest};
+use advisor::online::Objectives;
+use advisor::AdvisorConfig;
+use advisor::{Advisor, Context};
 use loadgen::schedule::{Arrival, Pace, Schedule, Segment};
+use sim::engine::{Engine, EngineConfig, SimRequest};
+use sim::gpu::SimGpu;
 use vllm_metrics::{Snapshot, Window};
 
 #[derive(Debug, thiserror::Error)]

@@ -25,7 +25,8 @@ pub struct Trace {
 
 impl Trace {
     pub fn from_csv(name: &str, text: &str) -> Result<Self, TraceError> {
-        let schedule = Schedule::from_csv(text).map_err(|source| TraceError::Parse { path: name.to_string(), source })?;
+        let schedule =
+            Schedule::from_csv(text).map_err(|source| TraceError::Parse { path: name.to_string(), source })?;
         Ok(Self { name: name.to_string(), schedule })
     }
 
@@ -82,8 +83,11 @@ mod tests {
             .expect_err("bad number");
         let msg = e.to_string();
         assert!(msg.contains("line 2") && msg.contains("mean_prompt_tokens"), "{msg}");
-        let t = Trace::from_csv("t", "seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens\n10,2,100,5\n5,0,100,5\n")
-            .expect("valid");
+        let t = Trace::from_csv(
+            "t",
+            "seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens\n10,2,100,5\n5,0,100,5\n",
+        )
+        .expect("valid");
         assert_eq!(t.segment_bounds(), vec![(0.0, 10.0), (10.0, 15.0)]);
     }
 

@@ -157,11 +157,13 @@ fn request_body(model: &str, a: &Arrival, seed: u64, prefix: &[u32]) -> Bytes {
 }
 
 /// Sends one request and reads its SSE stream.
-async fn send_one(client: &Client<HttpConnector, Full<Bytes>>, uri: Uri, body: Bytes, prompt_tokens: u32) -> RequestOutcome {
-    let req = match Request::post(uri)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(body))
-    {
+async fn send_one(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    uri: Uri,
+    body: Bytes,
+    prompt_tokens: u32,
+) -> RequestOutcome {
+    let req = match Request::post(uri).header(hyper::header::CONTENT_TYPE, "application/json").body(Full::new(body)) {
         Ok(r) => r,
         Err(e) => return RequestOutcome::failed(prompt_tokens, format!("building request: {e}")),
     };
@@ -205,10 +207,8 @@ async fn send_one(client: &Client<HttpConnector, Full<Bytes>>, uri: Uri, body: B
             if let Some(n) = v.pointer("/usage/completion_tokens").and_then(serde_json::Value::as_u64) {
                 usage_tokens = Some(u32::try_from(n).unwrap_or(u32::MAX));
             }
-            let has_text = v
-                .pointer("/choices/0/text")
-                .and_then(serde_json::Value::as_str)
-                .is_some_and(|t| !t.is_empty());
+            let has_text =
+                v.pointer("/choices/0/text").and_then(serde_json::Value::as_str).is_some_and(|t| !t.is_empty());
             if has_text {
                 match last {
                     None => out.ttft = (now - st).as_secs_f64(),

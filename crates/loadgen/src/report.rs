@@ -227,9 +227,22 @@ mod tests {
         assert!((r.mean_tpot_ms - 300.0).abs() < 1e-9);
         assert_eq!(r.errors, vec!["HTTP 500".to_string()]);
         let json = serde_json::to_value(&r).expect("serialize");
-        for key in ["completed", "failed", "duration", "request_rate", "request_throughput", "output_throughput",
-                    "total_token_throughput", "p99_ttft_ms", "median_tpot_ms", "std_itl_ms", "mean_e2el_ms",
-                    "request_goodput", "total_input_tokens", "total_output_tokens"] {
+        for key in [
+            "completed",
+            "failed",
+            "duration",
+            "request_rate",
+            "request_throughput",
+            "output_throughput",
+            "total_token_throughput",
+            "p99_ttft_ms",
+            "median_tpot_ms",
+            "std_itl_ms",
+            "mean_e2el_ms",
+            "request_goodput",
+            "total_input_tokens",
+            "total_output_tokens",
+        ] {
             assert!(json.get(key).is_some(), "missing {key}");
         }
         let inf = LoadReport::from_outcomes(&outs, 2.0, RequestRate::Infinite, Some(4), &Slo::default());

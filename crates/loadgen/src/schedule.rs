@@ -35,10 +35,16 @@ pub enum ScheduleError {
 pub enum LengthDist {
     Fixed(u32),
     /// Uniform over `lo..=hi`.
-    Uniform { lo: u32, hi: u32 },
+    Uniform {
+        lo: u32,
+        hi: u32,
+    },
     /// Lognormal with the given mean (not median) and log-space sigma; samples are rounded and
     /// clamped to at least 1.
-    LogNormal { mean: f64, sigma: f64 },
+    LogNormal {
+        mean: f64,
+        sigma: f64,
+    },
 }
 
 impl LengthDist {
@@ -303,7 +309,15 @@ pub struct Arrivals {
 
 impl Arrivals {
     fn new(segments: Vec<Segment>, seed: u64, looped: bool) -> Self {
-        Arrivals { segments, rng: StdRng::seed_from_u64(seed), looped, idx: 0, seg_start: 0.0, t: 0.0, burst_left: None }
+        Arrivals {
+            segments,
+            rng: StdRng::seed_from_u64(seed),
+            looped,
+            idx: 0,
+            seg_start: 0.0,
+            t: 0.0,
+            burst_left: None,
+        }
     }
 
     fn next_segment(&mut self) {

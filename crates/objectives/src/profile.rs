@@ -70,7 +70,10 @@ impl CapacityProfile {
     /// Checks what serde cannot: schema, at least one bucket, finite positive figures.
     pub fn validate(&self) -> Result<(), String> {
         if self.schema != PROFILE_SCHEMA {
-            return Err(format!("field `schema`: {} is not supported (this agent reads {PROFILE_SCHEMA})", self.schema));
+            return Err(format!(
+                "field `schema`: {} is not supported (this agent reads {PROFILE_SCHEMA})",
+                self.schema
+            ));
         }
         if self.buckets.is_empty() {
             return Err("field `buckets`: empty".into());
@@ -89,8 +92,8 @@ impl CapacityProfile {
     pub fn load(path: &Path) -> Result<CapacityProfile, ProfileError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Read { path: p.clone(), source })?;
-        let profile: CapacityProfile =
-            serde_json::from_str(&text).map_err(|e| ProfileError::Invalid { path: p.clone(), message: e.to_string() })?;
+        let profile: CapacityProfile = serde_json::from_str(&text)
+            .map_err(|e| ProfileError::Invalid { path: p.clone(), message: e.to_string() })?;
         profile.validate().map_err(|message| ProfileError::Invalid { path: p, message })?;
         Ok(profile)
     }

@@ -74,7 +74,10 @@ pub enum Request {
     SetMode(Mode),
     Pin(u32),
     Unpin,
-    SetSlo { ttft_s: Option<f64>, tpot_s: Option<f64> },
+    SetSlo {
+        ttft_s: Option<f64>,
+        tpot_s: Option<f64>,
+    },
     Model(ModelCmd),
     Reload,
     /// Trial launcher commands (`agentctl tune ...`).
@@ -174,7 +177,10 @@ pub enum TuneReply {
 pub enum Response {
     Ok(String),
     Status(Box<StatusReport>),
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
     /// Added after `Error`, whose index older clients decode in the hello answer.
     Tune(TuneReply),
     /// Answer to `model export`: the governor's state as JSON.
@@ -322,7 +328,11 @@ pub enum ProtoError {
     Io(#[from] std::io::Error),
 }
 
-fn config() -> bincode::config::Configuration<bincode::config::BigEndian, bincode::config::Varint, bincode::config::Limit<MAX_FRAME>> {
+fn config() -> bincode::config::Configuration<
+    bincode::config::BigEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<MAX_FRAME>,
+> {
     bincode::config::standard().with_big_endian().with_limit::<MAX_FRAME>()
 }
 
@@ -411,7 +421,9 @@ impl Client {
                 })
             }
             // Refused, or turned away (busy): the agent's message says which.
-            Err(Response::Error { message, .. }) => return Err(ClientError::Refused { path: path.to_owned(), message }),
+            Err(Response::Error { message, .. }) => {
+                return Err(ClientError::Refused { path: path.to_owned(), message })
+            }
             Err(other) => {
                 return Err(ClientError::Protocol {
                     path: path.to_owned(),
@@ -424,9 +436,7 @@ impl Client {
 
     fn send<T: Serialize>(&mut self, v: &T) -> Result<(), ClientError> {
         let frame = encode_frame(v).map_err(|source| ClientError::Protocol { path: self.path.clone(), source })?;
-        self.stream
-            .write_all(&frame)
-            .map_err(|e| ClientError::Protocol { path: self.path.clone(), source: e.into() })
+        self.stream.write_all(&frame).map_err(|e| ClientError::Protocol { path: self.path.clone(), source: e.into() })
     }
 
     fn receive<T: DeserializeOwned>(&mut self) -> Result<T, ClientError> {
@@ -443,10 +453,7 @@ impl Client {
 /// The agent's version from its refusal ("... this agent speaks N"): the last number in it
 /// (the first one is ours, echoed back).
 fn parse_theirs(message: &str) -> u32 {
-    message
-        .rsplit(|c: char| !c.is_ascii_digit())
-        .find_map(|t| t.parse().ok())
-        .unwrap_or(0)
+    message.rsplit(|c: char| !c.is_ascii_digit()).find_map(|t| t.parse().ok()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -106,11 +106,7 @@ impl EngineConfig {
             return bad("--tensor-parallel-size", "at least 1", self.tensor_parallel_size.to_string());
         }
         if self.max_num_batched_tokens < self.max_num_seqs {
-            return bad(
-                "--max-num-batched-tokens",
-                "at least --max-num-seqs",
-                self.max_num_batched_tokens.to_string(),
-            );
+            return bad("--max-num-batched-tokens", "at least --max-num-seqs", self.max_num_batched_tokens.to_string());
         }
         let tp = f64::from(self.tensor_parallel_size);
         let free = self.gpu_total_gib - self.other_used_gib;
@@ -302,8 +298,8 @@ impl Engine {
             prefix_queries: 0,
             prefix_hits: 0,
             ttft: Hist::new(vec![
-                0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
-                40.0, 80.0, 160.0, 640.0, 2560.0,
+                0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0, 640.0, 2560.0,
             ]),
             itl: Hist::new(vec![
                 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
@@ -619,14 +615,62 @@ impl Engine {
         let scalar = |o: &mut String, name: &str, kind: &str, help: &str, v: f64| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {}", py(v));
         };
-        scalar(&mut o, "vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", f64::from(st.running));
-        scalar(&mut o, "vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", f64::from(st.waiting));
-        scalar(&mut o, "vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", st.kv_cache_usage);
-        scalar(&mut o, "vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.", self.m.prefix_queries as f64);
-        scalar(&mut o, "vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", self.m.prefix_hits as f64);
-        scalar(&mut o, "vllm:num_preemptions_total", "counter", "Cumulative number of preemption from the engine.", self.m.preemptions as f64);
-        scalar(&mut o, "vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", self.m.prompt_tokens as f64);
-        scalar(&mut o, "vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", self.m.generation_tokens as f64);
+        scalar(
+            &mut o,
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            f64::from(st.running),
+        );
+        scalar(
+            &mut o,
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            f64::from(st.waiting),
+        );
+        scalar(
+            &mut o,
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            st.kv_cache_usage,
+        );
+        scalar(
+            &mut o,
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            self.m.prefix_queries as f64,
+        );
+        scalar(
+            &mut o,
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            self.m.prefix_hits as f64,
+        );
+        scalar(
+            &mut o,
+            "vllm:num_preemptions_total",
+            "counter",
+            "Cumulative number of preemption from the engine.",
+            self.m.preemptions as f64,
+        );
+        scalar(
+            &mut o,
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Number of prefill tokens processed.",
+            self.m.prompt_tokens as f64,
+        );
+        scalar(
+            &mut o,
+            "vllm:generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            self.m.generation_tokens as f64,
+        );
         let _ = writeln!(
             o,
             "# HELP vllm:request_success_total Count of successfully processed requests.\n# TYPE vllm:request_success_total counter"
@@ -716,11 +760,8 @@ mod tests {
         assert!(EngineConfig { gpu_memory_utilization: 0.98, ..Default::default() }.memory_plan().is_ok());
         let tiny = EngineConfig { gpu_memory_utilization: 0.2, ..Default::default() };
         assert!(matches!(tiny.memory_plan(), Err(SimError::NoCacheBlocks)));
-        let big_batch = EngineConfig {
-            gpu_memory_utilization: 0.25,
-            max_num_batched_tokens: 65536,
-            ..Default::default()
-        };
+        let big_batch =
+            EngineConfig { gpu_memory_utilization: 0.25, max_num_batched_tokens: 65536, ..Default::default() };
         assert!(big_batch.memory_plan().is_err(), "a huge token budget at low utilization fails");
         let long = EngineConfig { gpu_memory_utilization: 0.245, max_model_len: 131072, ..Default::default() };
         assert!(matches!(long.memory_plan(), Err(SimError::KvTooSmall { .. })));
@@ -817,7 +858,8 @@ mod tests {
         assert_eq!(snap.ttft_seconds.as_ref().map(|h| h.count), Some(5.0));
         assert_eq!(snap.itl_seconds.as_ref().map(|h| h.count), Some(95.0));
         assert!(matches!(snap.version, vllm_metrics::Version::V1));
-        assert!(text.contains("vllm:num_requests_running{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"} 0.0"));
+        assert!(text
+            .contains("vllm:num_requests_running{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"} 0.0"));
     }
 
     /// Checks the exposition line by line: every sample is `name{labels} value` with a float value,
@@ -855,7 +897,12 @@ mod tests {
         let (mut e, _) = engine(EngineConfig::default());
         check_prometheus_text(&e.metrics_text());
         for i in 0..30 {
-            e.submit(SimRequest { prompt_tokens: 200 + i * 37, max_tokens: 10 + i, prefix_id: Some(1), prefix_tokens: 64 });
+            e.submit(SimRequest {
+                prompt_tokens: 200 + i * 37,
+                max_tokens: 10 + i,
+                prefix_id: Some(1),
+                prefix_tokens: 64,
+            });
         }
         for _ in 0..20 {
             e.step();
@@ -864,8 +911,14 @@ mod tests {
         drain(&mut e);
         let text = e.metrics_text();
         check_prometheus_text(&text);
-        for name in ["vllm:kv_cache_usage_perc", "vllm:num_preemptions_total", "vllm:request_queue_time_seconds_sum",
-            "vllm:iteration_tokens_total_bucket", "vllm:cache_config_info", "finished_reason=\"abort\"} 1.0"] {
+        for name in [
+            "vllm:kv_cache_usage_perc",
+            "vllm:num_preemptions_total",
+            "vllm:request_queue_time_seconds_sum",
+            "vllm:iteration_tokens_total_bucket",
+            "vllm:cache_config_info",
+            "finished_reason=\"abort\"} 1.0",
+        ] {
             assert!(text.contains(name), "missing {name}");
         }
     }

@@ -82,7 +82,10 @@ mod tests {
             ]),
         )
         .expect("valid");
-        assert_eq!((c.model_name.as_str(), c.max_num_seqs, c.max_num_batched_tokens, c.block_size, c.max_model_len), ("m", 64, 4096, 32, 4096));
+        assert_eq!(
+            (c.model_name.as_str(), c.max_num_seqs, c.max_num_batched_tokens, c.block_size, c.max_model_len),
+            ("m", 64, 4096, 32, 4096)
+        );
         assert_eq!((c.tensor_parallel_size, c.enable_prefix_caching, clock), (2, false, Some(1200)));
         assert!((c.gpu_memory_utilization - 0.8).abs() < 1e-12 && (c.other_used_gib - 3.0).abs() < 1e-12);
     }
@@ -90,8 +93,14 @@ mod tests {
     #[test]
     fn ignored_flags_are_accepted_and_unknown_ones_refused() {
         let all: Vec<(&str, &str)> = IGNORED.iter().map(|f| (*f, "true")).collect();
-        assert_eq!(engine_config("m", &flags(&all)).expect("accepted").0, EngineConfig { model_name: "m".into(), ..EngineConfig::default() });
-        assert_eq!(engine_config("m", &flags(&[("quantization", "fp8")])), Err(FlagError::Unknown("quantization".into())));
+        assert_eq!(
+            engine_config("m", &flags(&all)).expect("accepted").0,
+            EngineConfig { model_name: "m".into(), ..EngineConfig::default() }
+        );
+        assert_eq!(
+            engine_config("m", &flags(&[("quantization", "fp8")])),
+            Err(FlagError::Unknown("quantization".into()))
+        );
         let e = engine_config("m", &flags(&[("max-num-seqs", "many")])).expect_err("not a number");
         assert_eq!(e.to_string(), "argument --max-num-seqs: invalid value `many`");
     }

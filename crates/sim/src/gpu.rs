@@ -273,7 +273,8 @@ fn wls2(rows: &[(f64, f64, f64, f64)]) -> Option<(f64, f64)> {
         s2y += w * x2 * y;
     }
     let det = s11 * s22 - s12 * s12;
-    (det.abs() > 1e-12 * (s11 * s22).max(1e-300)).then(|| ((s1y * s22 - s2y * s12) / det, (s2y * s11 - s1y * s12) / det))
+    (det.abs() > 1e-12 * (s11 * s22).max(1e-300))
+        .then(|| ((s1y * s22 - s2y * s12) / det, (s2y * s11 - s1y * s12) / det))
 }
 
 fn steps(from: f64, to: f64, step: f64) -> impl Iterator<Item = f64> {
@@ -307,13 +308,8 @@ impl PowerModel {
             overlap_q: 2.0,
             compute_ref_mhz: TOP,
         };
-        let compute_rows: Vec<Measured> = s
-            .gemm
-            .iter()
-            .chain(&s.prefill_4k)
-            .filter(|m| m.watts < UNCAPPED_SHARE * POWER_CAP_W)
-            .copied()
-            .collect();
+        let compute_rows: Vec<Measured> =
+            s.gemm.iter().chain(&s.prefill_4k).filter(|m| m.watts < UNCAPPED_SHARE * POWER_CAP_W).copied().collect();
 
         // 1. Power: grid over the voltage knee, linear least squares for the rest.
         let mut best = f64::INFINITY;

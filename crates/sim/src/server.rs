@@ -348,7 +348,10 @@ fn json_resp(status: StatusCode, v: &Value) -> Response<RespBody> {
 /// vLLM's OpenAI-style error body.
 fn error_resp(status: StatusCode, kind: &str, message: impl Into<String>) -> Response<RespBody> {
     let message = message.into();
-    json_resp(status, &json!({"object": "error", "message": message, "type": kind, "param": null, "code": status.as_u16()}))
+    json_resp(
+        status,
+        &json!({"object": "error", "message": message, "type": kind, "param": null, "code": status.as_u16()}),
+    )
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
@@ -425,7 +428,9 @@ fn prompt_len(prompt: &Value) -> Result<u32, String> {
         }
         // A batch of one prompt, as clients sometimes send.
         Value::Array(items) if items.len() == 1 => prompt_len(&items[0]),
-        Value::Array(_) => Err("prompt must be a string or an array of token ids (batched prompts are not supported)".into()),
+        Value::Array(_) => {
+            Err("prompt must be a string or an array of token ids (batched prompts are not supported)".into())
+        }
         _ => Err("prompt must be a string or an array of token ids".into()),
     }
 }
@@ -493,7 +498,8 @@ async fn completions(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Re
     };
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-        let sse = SseBody { rx, guard, ctx, include_usage, tokens: 0, reason_sent: false, pending: Vec::new(), ended: false };
+        let sse =
+            SseBody { rx, guard, ctx, include_usage, tokens: 0, reason_sent: false, pending: Vec::new(), ended: false };
         let mut resp = Response::new(sse.boxed());
         resp.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
@@ -543,14 +549,22 @@ fn reason_str(r: FinishReason) -> &'static str {
 }
 
 /// Non-streaming: wait for the end and answer with one completion object.
-async fn wait_whole(mut guard: RequestGuard, mut rx: UnboundedReceiver<TokenEvent>, ctx: ChunkCtx) -> Response<RespBody> {
+async fn wait_whole(
+    mut guard: RequestGuard,
+    mut rx: UnboundedReceiver<TokenEvent>,
+    ctx: ChunkCtx,
+) -> Response<RespBody> {
     let mut tokens = 0u32;
     let reason = loop {
         match rx.recv().await {
             Some(TokenEvent::First { .. } | TokenEvent::Token { .. }) => tokens += 1,
             Some(TokenEvent::Finished { reason, .. }) => break reason,
             None => {
-                return error_resp(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "server is shutting down")
+                return error_resp(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailableError",
+                    "server is shutting down",
+                )
             }
         }
     };
@@ -653,10 +667,10 @@ fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use loadgen::{run_http, LengthDist, LoadOptions, Schedule};
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
+    use loadgen::{run_http, LengthDist, LoadOptions, Schedule};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn gpu() -> Arc<SimGpu> {
@@ -679,12 +693,7 @@ mod tests {
             .expect("request");
         let resp = client.request(req).await.expect("response");
         let status = resp.status();
-        let ct = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
+        let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         let bytes = resp.into_body().collect().await.expect("body").to_bytes();
         (status, ct, String::from_utf8_lossy(&bytes).into_owned())
     }
@@ -811,7 +820,11 @@ mod tests {
         // 5000 tokens take far longer than this; only an abort empties the engine so soon.
         let t0 = Instant::now();
         while in_engine(server).await > 0 {
-            assert!(t0.elapsed() < Duration::from_secs(5), "request not aborted (stream {stream}): {:?}", server.stats());
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "request not aborted (stream {stream}): {:?}",
+                server.stats()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

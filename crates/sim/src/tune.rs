@@ -77,7 +77,13 @@ impl VirtualServer {
 
     /// One load run in virtual time on a fresh engine; returns the report and the prefix-cache
     /// hit rate.
-    pub fn run(&self, schedule: &Schedule, seed: u64, prefix_tokens: u32, slo: &Slo) -> Result<(LoadReport, Option<f64>), StartFailure> {
+    pub fn run(
+        &self,
+        schedule: &Schedule,
+        seed: u64,
+        prefix_tokens: u32,
+        slo: &Slo,
+    ) -> Result<(LoadReport, Option<f64>), StartFailure> {
         let gpu = Arc::new(SimGpu::h100(self.cfg.tensor_parallel_size.max(1)));
         if let Some(mhz) = self.clock {
             for i in 0..self.cfg.tensor_parallel_size.max(1) {
@@ -101,7 +107,10 @@ impl VirtualServer {
                     prefix_id: (shared > 0).then_some(PREFIX_ID),
                     prefix_tokens: shared,
                 });
-                live.insert(id, (a.at_s, RequestOutcome { prompt_tokens: a.prompt_tokens, ..Default::default() }, a.at_s));
+                live.insert(
+                    id,
+                    (a.at_s, RequestOutcome { prompt_tokens: a.prompt_tokens, ..Default::default() }, a.at_s),
+                );
                 arrivals.next();
             }
             if engine.now() > MAX_VIRTUAL_S {
@@ -132,7 +141,10 @@ impl VirtualServer {
                                         o.e2el = now - at;
                                         o.success = true;
                                     } else {
-                                        o = RequestOutcome::failed(o.prompt_tokens, "HTTP 400: prompt longer than max_model_len");
+                                        o = RequestOutcome::failed(
+                                            o.prompt_tokens,
+                                            "HTTP 400: prompt longer than max_model_len",
+                                        );
                                     }
                                     done.push(o);
                                 }
@@ -176,7 +188,11 @@ mod tests {
 
     #[test]
     fn maps_flags_and_refuses_unknown_ones_and_oom() {
-        let (c, clock) = engine_config("m", &flags(&[("max-num-seqs", "32"), ("enable-prefix-caching", "false"), ("sim-sm-clock", "1410")])).expect("ok");
+        let (c, clock) = engine_config(
+            "m",
+            &flags(&[("max-num-seqs", "32"), ("enable-prefix-caching", "false"), ("sim-sm-clock", "1410")]),
+        )
+        .expect("ok");
         assert_eq!((c.max_num_seqs, c.enable_prefix_caching, clock), (32, false, Some(1410)));
         let e = VirtualServer::start("m", &flags(&[("speculative-config", "x")])).expect_err("unknown");
         assert!(matches!(e, StartFailure::Invalid(ref m) if m.contains("--speculative-config")), "{e:?}");

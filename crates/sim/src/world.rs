@@ -7,11 +7,11 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::gpu::SimGpu;
-use gpu::GpuBackend;
 use crate::engine::EngineConfig;
-use loadgen::Schedule;
+use crate::gpu::SimGpu;
 use crate::server::SimServer;
+use gpu::GpuBackend;
+use loadgen::Schedule;
 
 pub struct Simulation {
     gpu: Arc<SimGpu>,
@@ -34,12 +34,7 @@ impl Simulation {
             for round in 0u64.. {
                 let report = loadgen::run_http(&base, &model, &schedule, round, &loadgen::LoadOptions::default()).await;
                 match report {
-                    Ok(r) => info!(
-                        round,
-                        completed = r.completed,
-                        failed = r.failed,
-                        "demo load round finished"
-                    ),
+                    Ok(r) => info!(round, completed = r.completed, failed = r.failed, "demo load round finished"),
                     Err(e) => warn!(error = %e, "demo load round failed"),
                 }
             }

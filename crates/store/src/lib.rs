@@ -102,7 +102,9 @@ pub fn open_sled(path: &Path) -> sled::Result<sled::Db> {
 
 fn is_lock_error(e: &sled::Error) -> bool {
     let msg = e.to_string();
-    msg.contains("could not acquire lock") || msg.contains("WouldBlock") || msg.contains("Resource temporarily unavailable")
+    msg.contains("could not acquire lock")
+        || msg.contains("WouldBlock")
+        || msg.contains("Resource temporarily unavailable")
 }
 
 /// I/O errors that say the filesystem refuses to write (full, read-only, no permission, over
@@ -111,7 +113,8 @@ fn is_lock_error(e: &sled::Error) -> bool {
 fn is_refusal(e: &std::io::Error) -> bool {
     use nix::errno::Errno;
     let refused = [Errno::ENOSPC, Errno::EROFS, Errno::EACCES, Errno::EPERM, Errno::EDQUOT];
-    e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error().is_some_and(|n| refused.contains(&Errno::from_raw(n)))
+    e.kind() == std::io::ErrorKind::PermissionDenied
+        || e.raw_os_error().is_some_and(|n| refused.contains(&Errno::from_raw(n)))
 }
 
 /// Opens sled without letting a panic inside it (seen on some corrupt files) escape.
@@ -199,10 +202,8 @@ impl Store {
 
     /// Writes and flushes, so a crash right after loses nothing.
     pub fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), StoreError> {
-        let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|source| StoreError::Encode {
-            path: self.path.clone(),
-            key: String::from_utf8_lossy(key).into_owned(),
-            source,
+        let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|source| {
+            StoreError::Encode { path: self.path.clone(), key: String::from_utf8_lossy(key).into_owned(), source }
         })?;
         self.db.insert(key, bytes).map_err(|e| self.db_err(e))?;
         self.db.flush().map_err(|e| self.db_err(e))?;
@@ -226,10 +227,8 @@ impl Store {
 
     /// Decodes one raw value read under `key`.
     pub fn decode<T: DeserializeOwned>(&self, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-        bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(v, _)| v).map_err(|source| StoreError::Decode {
-            path: self.path.clone(),
-            key: String::from_utf8_lossy(key).into_owned(),
-            source,
+        bincode::serde::decode_from_slice(bytes, bincode::config::standard()).map(|(v, _)| v).map_err(|source| {
+            StoreError::Decode { path: self.path.clone(), key: String::from_utf8_lossy(key).into_owned(), source }
         })
     }
 }
@@ -263,7 +262,10 @@ mod tests {
         let path = dir.path().join("s.sled");
         Store::open("test store", &path, 1, OnMismatch::Refuse).expect("open v1").put(b"k", &1u8).expect("put");
         let e = Store::open("test store", &path, 2, OnMismatch::Refuse).expect_err("v2 refuses v1");
-        assert!(matches!(&e, StoreError::Incompatible { why, .. } if why.contains("schema version 1, expected 2")), "{e}");
+        assert!(
+            matches!(&e, StoreError::Incompatible { why, .. } if why.contains("schema version 1, expected 2")),
+            "{e}"
+        );
         let s = Store::open("test store", &path, 2, OnMismatch::MoveAside).expect("v2 moves v1 aside");
         let aside = s.moved_aside().expect("moved").to_owned();
         assert!(aside.exists() && s.get::<u8>(b"k").expect("get").is_none());

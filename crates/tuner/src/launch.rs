@@ -209,7 +209,8 @@ impl Launcher {
         if find_program(&argv[0]).is_none() {
             return Err(StartFailure::Spawn(format!("`{}`: no such program", argv[0])));
         }
-        let file = std::fs::File::create(log).map_err(|e| StartFailure::Spawn(format!("log {}: {e}", log.display())))?;
+        let file =
+            std::fs::File::create(log).map_err(|e| StartFailure::Spawn(format!("log {}: {e}", log.display())))?;
         let err = file.try_clone().map_err(|e| StartFailure::Spawn(e.to_string()))?;
         let mut cmd = match setpriv() {
             Some(sp) => {
@@ -370,7 +371,20 @@ mod tests {
         let argv = t.argv("org/m", 8123, &flags);
         assert_eq!(
             argv,
-            ["vllm", "serve", "org/m", "--host", "127.0.0.1", "--no-enable-prefix-caching", "--max-num-seqs", "64", "--port", "8123", "--extra", "a b"]
+            [
+                "vllm",
+                "serve",
+                "org/m",
+                "--host",
+                "127.0.0.1",
+                "--no-enable-prefix-caching",
+                "--max-num-seqs",
+                "64",
+                "--port",
+                "8123",
+                "--extra",
+                "a b"
+            ]
         );
         let t = Template::parse("srv --listen=:{port} {flags}").expect("parses");
         assert_eq!(t.argv("m", 9, &BTreeMap::new()), ["srv", "--listen=:9"]);
@@ -393,7 +407,9 @@ mod tests {
         let torch = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\nexit\n";
         assert!(matches!(classify_exit(torch, Some(1)), StartFailure::OutOfMemory(_)));
         let other = "error: unrecognized arguments: --bogus\n\n";
-        assert!(matches!(classify_exit(other, Some(2)), StartFailure::Exited { code: Some(2), message } if message.contains("--bogus")));
+        assert!(
+            matches!(classify_exit(other, Some(2)), StartFailure::Exited { code: Some(2), message } if message.contains("--bogus"))
+        );
     }
 
     #[test]
@@ -408,11 +424,8 @@ mod tests {
     fn leftover_groups_are_killed_whole() {
         use std::os::unix::process::CommandExt;
         // A group leader with a child, as a server with workers.
-        let mut leader = std::process::Command::new("sh")
-            .args(["-c", "sleep 30 & wait"])
-            .process_group(0)
-            .spawn()
-            .expect("spawn");
+        let mut leader =
+            std::process::Command::new("sh").args(["-c", "sleep 30 & wait"]).process_group(0).spawn().expect("spawn");
         let pid = i32::try_from(leader.id()).expect("pid");
         std::thread::sleep(Duration::from_millis(200));
         let g = LiveGroup { pgid: pid, start_ticks: start_ticks(pid).expect("running") };

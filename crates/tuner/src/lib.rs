@@ -16,9 +16,9 @@ pub mod strategy;
 pub mod study;
 pub mod trial;
 
+pub use server::ServerFactory;
 pub use space::{SearchSpace, Strategy};
 pub use study::{run_study, StudyConfig, TuneError};
-pub use server::ServerFactory;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,7 +36,11 @@ pub enum SetupError {
 /// The study a `tune start` asks for: the space with its overrides, where trials run (the
 /// launch command, or `in_process` for `--launch sim`), and the study directory (default
 /// `<default_root>/<study name>`).
-pub fn study_config(req: &proto::TuneStart, default_root: &Path, in_process: Option<Arc<dyn ServerFactory>>) -> Result<StudyConfig, SetupError> {
+pub fn study_config(
+    req: &proto::TuneStart,
+    default_root: &Path,
+    in_process: Option<Arc<dyn ServerFactory>>,
+) -> Result<StudyConfig, SetupError> {
     let mut space = SearchSpace::load(&req.space)?;
     if let Some(s) = &req.strategy {
         space.study.strategy = s.parse().map_err(|e| SetupError::Invalid(format!("--strategy: {e}")))?;
@@ -48,7 +52,11 @@ pub fn study_config(req: &proto::TuneStart, default_root: &Path, in_process: Opt
         space.study.trials = t;
     }
     let servers: Arc<dyn ServerFactory> = if req.launch.trim() == "sim" {
-        in_process.ok_or_else(|| SetupError::Invalid("--launch sim: this gpu-agent was built without the simulator (feature `simulate`)".into()))?
+        in_process.ok_or_else(|| {
+            SetupError::Invalid(
+                "--launch sim: this gpu-agent was built without the simulator (feature `simulate`)".into(),
+            )
+        })?
     } else {
         let template = launch::Template::parse(&req.launch).map_err(SetupError::Invalid)?;
         Arc::new(launch::Launcher {

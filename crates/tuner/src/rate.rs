@@ -81,7 +81,12 @@ impl RunFigures {
     /// The first broken limit, or None when all hold. Failed requests break the run.
     fn check(&self, l: &Limits, first_error: Option<&str>) -> Option<String> {
         if self.failed > 0 || self.completed == 0 {
-            return Some(format!("{} of {} requests failed ({})", self.failed, self.failed + self.completed, first_error.unwrap_or("no response")));
+            return Some(format!(
+                "{} of {} requests failed ({})",
+                self.failed,
+                self.failed + self.completed,
+                first_error.unwrap_or("no response")
+            ));
         }
         for (name, limit, got) in [
             ("p99_e2el_ms", l.p99_e2el_ms, self.p99_e2el_ms),

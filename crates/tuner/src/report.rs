@@ -40,7 +40,8 @@ impl StudySummary {
         let f = |v: &Value, k: &str| v["figures"][k].as_f64().unwrap_or(0.0);
         match &self.best {
             Some(b) => {
-                let flags: std::collections::BTreeMap<String, String> = serde_json::from_value(b["flags"].clone()).unwrap_or_default();
+                let flags: std::collections::BTreeMap<String, String> =
+                    serde_json::from_value(b["flags"].clone()).unwrap_or_default();
                 let flags = super::launch::render_flags(&flags);
                 let _ = writeln!(o, "best flags  {} (trial {})", flags.join(" "), b["trial"]);
                 let _ = writeln!(
@@ -57,10 +58,15 @@ impl StudySummary {
             None => o.push_str("no trial met the limits at any rate\n"),
         }
         if let Some(base) = &self.baseline {
-            let change = self.improvement_over_baseline.map_or(String::new(), |x| format!(" (best: {:+.1}%)", x * 100.0));
+            let change =
+                self.improvement_over_baseline.map_or(String::new(), |x| format!(" (best: {:+.1}%)", x * 100.0));
             let _ = writeln!(o, "baseline    {:.2} req/s{change}", base["score"].as_f64().unwrap_or(0.0));
         }
-        let _ = writeln!(o, "trials      {} ({} failed), gpu-memory-utilization {}", self.trials, self.failed_trials, self.gpu_memory_utilization);
+        let _ = writeln!(
+            o,
+            "trials      {} ({} failed), gpu-memory-utilization {}",
+            self.trials, self.failed_trials, self.gpu_memory_utilization
+        );
         let _ = writeln!(o, "results in  {}", self.study_dir);
         o
     }
@@ -122,7 +128,13 @@ pub fn best(records: &[TrialRecord]) -> Option<&TrialRecord> {
 }
 
 /// Writes every output file and returns the summary.
-pub fn write_all(dir: &Path, space: &SearchSpace, records: &[TrialRecord], gmu: f64, has_profile: bool) -> std::io::Result<StudySummary> {
+pub fn write_all(
+    dir: &Path,
+    space: &SearchSpace,
+    records: &[TrialRecord],
+    gmu: f64,
+    has_profile: bool,
+) -> std::io::Result<StudySummary> {
     let trials = searched(records);
     let baseline = trials.iter().find(|r| r.kind == TrialKind::Baseline).copied();
     let top = best(records);
@@ -172,7 +184,13 @@ pub fn result_txt(space: &SearchSpace, records: &[TrialRecord], dir: &Path) -> S
     let names = |rec: &TrialRecord, prefix: &str| {
         params
             .iter()
-            .map(|p| format!("{prefix}{}: {}", p.flag.replace('-', "_"), rec.flags.get(&p.flag).map_or("default", String::as_str)))
+            .map(|p| {
+                format!(
+                    "{prefix}{}: {}",
+                    p.flag.replace('-', "_"),
+                    rec.flags.get(&p.flag).map_or("default", String::as_str)
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -189,7 +207,13 @@ pub fn result_txt(space: &SearchSpace, records: &[TrialRecord], dir: &Path) -> S
         );
     }
     if let Some(b) = best(records) {
-        let _ = writeln!(out, "{}, best_throughput: {:.2}, profile saved in: {}", names(b, "best_"), b.score.unwrap_or(0.0), dir.display());
+        let _ = writeln!(
+            out,
+            "{}, best_throughput: {:.2}, profile saved in: {}",
+            names(b, "best_"),
+            b.score.unwrap_or(0.0),
+            dir.display()
+        );
     }
     out
 }
@@ -214,7 +238,12 @@ pub fn trials_csv(space: &SearchSpace, records: &[TrialRecord]) -> String {
     for r in recs {
         let b = r.best();
         let num = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x:.3}"));
-        let mut row = vec![r.id.to_string(), format!("{:?}", r.kind).to_lowercase(), r.status.label().to_string(), r.gpu_set.clone()];
+        let mut row = vec![
+            r.id.to_string(),
+            format!("{:?}", r.kind).to_lowercase(),
+            r.status.label().to_string(),
+            r.gpu_set.clone(),
+        ];
         row.extend(params.iter().map(|p| r.flags.get(&p.flag).cloned().unwrap_or_default()));
         row.push(r.flags.get("gpu-memory-utilization").cloned().unwrap_or_default());
         row.push(num(r.score));
@@ -283,16 +312,44 @@ impl Panel {
     fn axes(&self, out: &mut String, title: &str, xlabel: &str, ylabel: &str) {
         let (x0, y0, w, h) = (self.x0, self.y0, self.w, self.h);
         let _ = writeln!(out, r##"<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#444"/>"##);
-        let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>"#, x0 + w / 2.0, y0 - 12.0);
-        let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="middle">{xlabel}</text>"#, x0 + w / 2.0, y0 + h + 38.0);
-        let _ = writeln!(out, r#"<text x="{}" y="{}" text-anchor="middle" transform="rotate(-90 {} {})">{ylabel}</text>"#, x0 - 48.0, y0 + h / 2.0, x0 - 48.0, y0 + h / 2.0);
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="middle" font-size="15" font-weight="bold">{title}</text>"#,
+            x0 + w / 2.0,
+            y0 - 12.0
+        );
+        let _ =
+            writeln!(out, r#"<text x="{}" y="{}" text-anchor="middle">{xlabel}</text>"#, x0 + w / 2.0, y0 + h + 38.0);
+        let _ = writeln!(
+            out,
+            r#"<text x="{}" y="{}" text-anchor="middle" transform="rotate(-90 {} {})">{ylabel}</text>"#,
+            x0 - 48.0,
+            y0 + h / 2.0,
+            x0 - 48.0,
+            y0 + h / 2.0
+        );
         for t in ticks(self.xr.0, self.xr.1, 6) {
             let x = self.px(t);
-            let _ = writeln!(out, r##"<line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle" font-size="11">{}</text>"##, y0, y0 + h, y0 + h + 16.0, fmt_tick(t));
+            let _ = writeln!(
+                out,
+                r##"<line x1="{x:.1}" y1="{}" x2="{x:.1}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle" font-size="11">{}</text>"##,
+                y0,
+                y0 + h,
+                y0 + h + 16.0,
+                fmt_tick(t)
+            );
         }
         for t in ticks(self.yr.0, self.yr.1, 5) {
             let y = self.py(t);
-            let _ = writeln!(out, r##"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end" font-size="11">{}</text>"##, x0, x0 + w, x0 - 6.0, y + 4.0, fmt_tick(t));
+            let _ = writeln!(
+                out,
+                r##"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end" font-size="11">{}</text>"##,
+                x0,
+                x0 + w,
+                x0 - 6.0,
+                y + 4.0,
+                fmt_tick(t)
+            );
         }
     }
 }
@@ -329,17 +386,40 @@ pub fn svg(space: &SearchSpace, records: &[TrialRecord]) -> String {
     let trials = searched(records);
     let mut out = String::new();
     let (width, height) = (1100.0, 470.0);
-    let _ = writeln!(out, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#);
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(out, r#"<text x="20" y="24" font-size="16">{} ({}, {} trials): request throughput within the limits</text>"#, esc(&space.study.name), space.study.strategy, trials.len());
+    let _ = writeln!(
+        out,
+        r#"<text x="20" y="24" font-size="16">{} ({}, {} trials): request throughput within the limits</text>"#,
+        esc(&space.study.name),
+        space.study.strategy,
+        trials.len()
+    );
 
     // History: every trial's score, the best so far, the baseline.
     let n = trials.len().max(1) as f64;
-    let hist = Panel { x0: 80.0, y0: 70.0, w: 420.0, h: 320.0, xr: (0.0, n + 1.0), yr: range(trials.iter().filter_map(|r| r.score), true) };
+    let hist = Panel {
+        x0: 80.0,
+        y0: 70.0,
+        w: 420.0,
+        h: 320.0,
+        xr: (0.0, n + 1.0),
+        yr: range(trials.iter().filter_map(|r| r.score), true),
+    };
     hist.axes(&mut out, "History", "trial", "requests/s at the best rate within limits");
     if let Some(base) = trials.iter().find(|r| r.kind == TrialKind::Baseline).and_then(|r| r.score) {
         let y = hist.py(base);
-        let _ = writeln!(out, r##"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#888" stroke-dasharray="6 4"/><text x="{}" y="{:.1}" font-size="11" fill="#666">baseline {base:.2}</text>"##, hist.x0, hist.x0 + hist.w, hist.x0 + 4.0, y - 4.0);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#888" stroke-dasharray="6 4"/><text x="{}" y="{:.1}" font-size="11" fill="#666">baseline {base:.2}</text>"##,
+            hist.x0,
+            hist.x0 + hist.w,
+            hist.x0 + 4.0,
+            y - 4.0
+        );
     }
     let mut best = f64::NEG_INFINITY;
     let mut line = String::new();
@@ -349,11 +429,23 @@ pub fn svg(space: &SearchSpace, records: &[TrialRecord]) -> String {
             Some(s) => {
                 best = best.max(s);
                 let color = if r.kind == TrialKind::Baseline { "#888" } else { "#1f77b4" };
-                let _ = writeln!(out, r#"<circle cx="{x:.1}" cy="{:.1}" r="4" fill="{color}"><title>trial {}: {s:.2} req/s</title></circle>"#, hist.py(s), r.id);
+                let _ = writeln!(
+                    out,
+                    r#"<circle cx="{x:.1}" cy="{:.1}" r="4" fill="{color}"><title>trial {}: {s:.2} req/s</title></circle>"#,
+                    hist.py(s),
+                    r.id
+                );
             }
             None => {
                 let y = hist.py(0.0);
-                let _ = writeln!(out, r##"<path d="M{:.1} {:.1} l8 8 m0 -8 l-8 8" stroke="#d62728" stroke-width="2"><title>trial {}: {}</title></path>"##, x - 4.0, y - 4.0, r.id, esc(r.status.label()));
+                let _ = writeln!(
+                    out,
+                    r##"<path d="M{:.1} {:.1} l8 8 m0 -8 l-8 8" stroke="#d62728" stroke-width="2"><title>trial {}: {}</title></path>"##,
+                    x - 4.0,
+                    y - 4.0,
+                    r.id,
+                    esc(r.status.label())
+                );
             }
         }
         if best.is_finite() {
@@ -363,7 +455,12 @@ pub fn svg(space: &SearchSpace, records: &[TrialRecord]) -> String {
     if !line.is_empty() {
         let _ = writeln!(out, r##"<path d="{line}" fill="none" stroke="#2ca02c" stroke-width="2"/>"##);
     }
-    let _ = writeln!(out, r##"<text x="{}" y="{}" font-size="11"><tspan fill="#1f77b4">● trial</tspan>  <tspan fill="#2ca02c">— best so far</tspan>  <tspan fill="#d62728">✕ failed</tspan></text>"##, hist.x0, hist.y0 + hist.h + 60.0);
+    let _ = writeln!(
+        out,
+        r##"<text x="{}" y="{}" font-size="11"><tspan fill="#1f77b4">● trial</tspan>  <tspan fill="#2ca02c">— best so far</tspan>  <tspan fill="#d62728">✕ failed</tspan></text>"##,
+        hist.x0,
+        hist.y0 + hist.h + 60.0
+    );
 
     // Throughput against latency: every passing run of every trial, and the Pareto front.
     let pts: Vec<(f64, f64)> = trials
@@ -372,20 +469,46 @@ pub fn svg(space: &SearchSpace, records: &[TrialRecord]) -> String {
         .filter(|f| f.passed)
         .map(|f| (f.p99_e2el_ms, f.request_throughput))
         .collect();
-    let sc = Panel { x0: 620.0, y0: 70.0, w: 440.0, h: 320.0, xr: range(pts.iter().map(|p| p.0), false), yr: range(pts.iter().map(|p| p.1), true) };
+    let sc = Panel {
+        x0: 620.0,
+        y0: 70.0,
+        w: 440.0,
+        h: 320.0,
+        xr: range(pts.iter().map(|p| p.0), false),
+        yr: range(pts.iter().map(|p| p.1), true),
+    };
     sc.axes(&mut out, "Throughput vs latency (runs within limits)", "P99 end-to-end latency (ms)", "requests/s");
     for (x, y) in &pts {
-        let _ = writeln!(out, r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#1f77b4" fill-opacity="0.5"/>"##, sc.px(*x), sc.py(*y));
+        let _ = writeln!(
+            out,
+            r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#1f77b4" fill-opacity="0.5"/>"##,
+            sc.px(*x),
+            sc.py(*y)
+        );
     }
     let front = pareto(&pts);
     if !front.is_empty() {
-        let d: String = front.iter().enumerate().map(|(i, (x, y))| format!("{}{:.1},{:.1} ", if i == 0 { "M" } else { "L" }, sc.px(*x), sc.py(*y))).collect();
+        let d: String = front
+            .iter()
+            .enumerate()
+            .map(|(i, (x, y))| format!("{}{:.1},{:.1} ", if i == 0 { "M" } else { "L" }, sc.px(*x), sc.py(*y)))
+            .collect();
         let _ = writeln!(out, r##"<path d="{d}" fill="none" stroke="#ff7f0e" stroke-width="2"/>"##);
         for (x, y) in &front {
-            let _ = writeln!(out, r##"<circle cx="{:.1}" cy="{:.1}" r="4" fill="#ff7f0e"><title>{y:.2} req/s at {x:.0} ms</title></circle>"##, sc.px(*x), sc.py(*y));
+            let _ = writeln!(
+                out,
+                r##"<circle cx="{:.1}" cy="{:.1}" r="4" fill="#ff7f0e"><title>{y:.2} req/s at {x:.0} ms</title></circle>"##,
+                sc.px(*x),
+                sc.py(*y)
+            );
         }
     }
-    let _ = writeln!(out, r##"<text x="{}" y="{}" font-size="11"><tspan fill="#ff7f0e">— Pareto front</tspan></text>"##, sc.x0, sc.y0 + sc.h + 60.0);
+    let _ = writeln!(
+        out,
+        r##"<text x="{}" y="{}" font-size="11"><tspan fill="#ff7f0e">— Pareto front</tspan></text>"##,
+        sc.x0,
+        sc.y0 + sc.h + 60.0
+    );
     out.push_str("</svg>\n");
     out
 }

@@ -125,7 +125,8 @@ impl Parameter {
 
     /// Whether the values are numbers (ordered): TPE then treats neighbours as similar.
     pub fn ordinal(&self) -> bool {
-        self.range.is_some() || self.options.as_ref().is_some_and(|o| o.iter().all(|v| matches!(v, Value::Int(_) | Value::Float(_))))
+        self.range.is_some()
+            || self.options.as_ref().is_some_and(|o| o.iter().all(|v| matches!(v, Value::Int(_) | Value::Float(_))))
     }
 }
 
@@ -152,12 +153,17 @@ pub fn parse_dataset(text: &str) -> Result<Vec<(u32, u32)>, String> {
         }
         let n = i + 1;
         let pos = |v: Option<u64>, what: &str| {
-            v.and_then(|x| u32::try_from(x).ok()).filter(|x| *x > 0).ok_or_else(|| format!("line {n}: `{what}` must be a positive integer"))
+            v.and_then(|x| u32::try_from(x).ok())
+                .filter(|x| *x > 0)
+                .ok_or_else(|| format!("line {n}: `{what}` must be a positive integer"))
         };
         if l.starts_with('{') {
             let v: serde_json::Value = serde_json::from_str(l).map_err(|e| format!("line {n}: {e}"))?;
             let get = |a: &str, b: &str| v.get(a).or_else(|| v.get(b)).and_then(serde_json::Value::as_u64);
-            rows.push((pos(get("input_tokens", "prompt_tokens"), "input_tokens")?, pos(get("output_tokens", "completion_tokens"), "output_tokens")?));
+            rows.push((
+                pos(get("input_tokens", "prompt_tokens"), "input_tokens")?,
+                pos(get("output_tokens", "completion_tokens"), "output_tokens")?,
+            ));
         } else if !header_seen && rows.is_empty() {
             let cols: Vec<&str> = l.split(',').map(str::trim).collect();
             if cols != ["input_tokens", "output_tokens"] {
@@ -353,13 +359,18 @@ impl SearchSpace {
     pub fn load(path: &Path) -> Result<SearchSpace, SpaceError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| SpaceError::Read { path: p.clone(), source })?;
-        let mut space = SearchSpace::parse(&text).map_err(|message| SpaceError::Invalid { path: p.clone(), message })?;
+        let mut space =
+            SearchSpace::parse(&text).map_err(|message| SpaceError::Invalid { path: p.clone(), message })?;
         if let Some(d) = &space.load.dataset {
             let file = path.parent().unwrap_or(Path::new(".")).join(d);
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| SpaceError::Invalid { path: p.clone(), message: format!("field `load.dataset`: {}: {e}", file.display()) })?;
-            space.load.dataset_rows = parse_dataset(&text)
-                .map_err(|m| SpaceError::Invalid { path: p.clone(), message: format!("field `load.dataset`: {}: {m}", file.display()) })?;
+            let text = std::fs::read_to_string(&file).map_err(|e| SpaceError::Invalid {
+                path: p.clone(),
+                message: format!("field `load.dataset`: {}: {e}", file.display()),
+            })?;
+            space.load.dataset_rows = parse_dataset(&text).map_err(|m| SpaceError::Invalid {
+                path: p.clone(),
+                message: format!("field `load.dataset`: {}: {m}", file.display()),
+            })?;
         }
         Ok(space)
     }
@@ -371,8 +382,13 @@ impl SearchSpace {
         let rows = &self.load.dataset_rows;
         if !rows.is_empty() {
             let n = rows.len() as f64;
-            let mean = |f: fn(&(u32, u32)) -> u32| (rows.iter().map(|r| f64::from(f(r))).sum::<f64>() / n).round().max(1.0) as u32;
-            w.push(Workload { bucket: Bucket { input_tokens: mean(|r| r.0), output_tokens: mean(|r| r.1) }, dataset: true });
+            let mean = |f: fn(&(u32, u32)) -> u32| {
+                (rows.iter().map(|r| f64::from(f(r))).sum::<f64>() / n).round().max(1.0) as u32
+            };
+            w.push(Workload {
+                bucket: Bucket { input_tokens: mean(|r| r.0), output_tokens: mean(|r| r.1) },
+                dataset: true,
+            });
         }
         w.extend(self.load.buckets.iter().map(|b| Workload { bucket: *b, dataset: false }));
         w
@@ -421,17 +437,24 @@ impl SearchSpace {
         for (i, p) in self.parameters.iter().enumerate() {
             let at = format!("parameter[{i}]");
             if p.flag.is_empty() || p.flag.starts_with('-') || p.flag.contains(char::is_whitespace) {
-                return Err(format!("field `{at}.flag`: `{}` must be a flag name without dashes, e.g. max-num-seqs", p.flag));
+                return Err(format!(
+                    "field `{at}.flag`: `{}` must be a flag name without dashes, e.g. max-num-seqs",
+                    p.flag
+                ));
             }
             if !seen.insert(p.flag.replace('_', "-")) {
                 return Err(format!("field `{at}.flag`: `{}` appears twice", p.flag));
             }
             if p.flag.replace('_', "-") == "gpu-memory-utilization" {
-                return Err(format!("field `{at}.flag`: set gpu-memory-utilization in [gpu_memory_utilization], not as a parameter"));
+                return Err(format!(
+                    "field `{at}.flag`: set gpu-memory-utilization in [gpu_memory_utilization], not as a parameter"
+                ));
             }
             match (&p.options, &p.range) {
                 (Some(_), Some(_)) => return Err(format!("field `{at}`: give either `options` or `range`, not both")),
-                (None, None) => return Err(format!("field `{at}`: needs `options = [...]` or `range = {{start, end, step}}`")),
+                (None, None) => {
+                    return Err(format!("field `{at}`: needs `options = [...]` or `range = {{start, end, step}}`"))
+                }
                 (Some(o), None) if o.is_empty() => return Err(format!("field `{at}.options`: empty")),
                 (None, Some(r)) => {
                     if ![r.start, r.end, r.step].iter().all(|x| x.is_finite()) || r.step <= 0.0 || r.end < r.start {
@@ -466,7 +489,9 @@ impl SearchSpace {
         }
         let l = &self.load;
         if l.buckets.is_empty() && l.dataset.is_none() {
-            return Err("field `load.buckets`: needs at least one {input_tokens, output_tokens} (or set `load.dataset`)".into());
+            return Err(
+                "field `load.buckets`: needs at least one {input_tokens, output_tokens} (or set `load.dataset`)".into(),
+            );
         }
         for (i, b) in l.buckets.iter().enumerate() {
             if b.input_tokens == 0 || b.output_tokens == 0 {
@@ -483,7 +508,11 @@ impl SearchSpace {
             return Err("field `load.requests`: must be at least 2".into());
         }
         let lim = &self.limits;
-        for (field, v) in [("limits.p99_e2el_ms", lim.p99_e2el_ms), ("limits.p99_ttft_ms", lim.p99_ttft_ms), ("limits.p99_tpot_ms", lim.p99_tpot_ms)] {
+        for (field, v) in [
+            ("limits.p99_e2el_ms", lim.p99_e2el_ms),
+            ("limits.p99_ttft_ms", lim.p99_ttft_ms),
+            ("limits.p99_tpot_ms", lim.p99_tpot_ms),
+        ] {
             if let Some(v) = v {
                 if !(v.is_finite() && v > 0.0) {
                     return Err(format!("field `{field}`: {v} must be a positive number of milliseconds"));
@@ -548,7 +577,13 @@ p99_e2el_ms = 2000
         assert_eq!(s.study.gpu_sets, ["0"]);
         assert_eq!(s.gpu_memory_utilization.start, 0.98);
         assert_eq!(s.load.requests, 200);
-        let r = Parameter { flag: "x".into(), enabled: true, options: None, range: Some(Range { start: 0.8, end: 0.9, step: 0.05 }), default: None };
+        let r = Parameter {
+            flag: "x".into(),
+            enabled: true,
+            options: None,
+            range: Some(Range { start: 0.8, end: 0.9, step: 0.05 }),
+            default: None,
+        };
         assert_eq!(r.values(), ["0.8", "0.85", "0.9"]);
         assert!(r.ordinal());
     }
@@ -557,7 +592,10 @@ p99_e2el_ms = 2000
     fn datasets_load_relative_to_the_space_and_errors_name_the_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("lens.csv"), "input_tokens,output_tokens\n100,10\n300,30\n").expect("csv");
-        let text = SMALL.replace("buckets = [{ input_tokens = 128, output_tokens = 16 }]", "dataset = \"lens.csv\"\nbuckets = [{ input_tokens = 64, output_tokens = 8 }]");
+        let text = SMALL.replace(
+            "buckets = [{ input_tokens = 128, output_tokens = 16 }]",
+            "dataset = \"lens.csv\"\nbuckets = [{ input_tokens = 64, output_tokens = 8 }]",
+        );
         std::fs::write(dir.path().join("s.toml"), &text).expect("space");
         let s = SearchSpace::load(&dir.path().join("s.toml")).expect("loads");
         assert_eq!(s.load.dataset_rows, vec![(100, 10), (300, 30)]);

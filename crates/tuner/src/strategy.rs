@@ -55,7 +55,13 @@ pub fn grid_size(dims: &[Dim]) -> u64 {
 }
 
 /// The next point to try, or None when every point was tried (or is running).
-pub fn suggest(strategy: Strategy, dims: &[Dim], history: &[Observed], pending: &[Point], rng: &mut StdRng) -> Option<Point> {
+pub fn suggest(
+    strategy: Strategy,
+    dims: &[Dim],
+    history: &[Observed],
+    pending: &[Point],
+    rng: &mut StdRng,
+) -> Option<Point> {
     let taken: HashSet<&Point> = history.iter().map(|o| &o.point).chain(pending.iter()).collect();
     let total = grid_size(dims);
     if taken.len() as u64 >= total {
@@ -82,7 +88,8 @@ fn random_free(dims: &[Dim], taken: &HashSet<&Point>, rng: &mut StdRng) -> Optio
             return Some(p);
         }
     }
-    let free: Vec<u64> = (0..grid_size(dims)).filter(|i| !taken.contains(&grid_point(dims, *i))).take(100_000).collect();
+    let free: Vec<u64> =
+        (0..grid_size(dims)).filter(|i| !taken.contains(&grid_point(dims, *i))).take(100_000).collect();
     if free.is_empty() {
         return None;
     }
@@ -128,15 +135,22 @@ fn draw(p: &[f64], rng: &mut StdRng) -> usize {
 
 fn tpe(dims: &[Dim], history: &[Observed], taken: &HashSet<&Point>, rng: &mut StdRng) -> Option<Point> {
     // Failed trials rank below every success.
-    let mut ranked: Vec<(&Point, f64)> = history.iter().map(|o| (&o.point, o.score.unwrap_or(f64::NEG_INFINITY))).collect();
+    let mut ranked: Vec<(&Point, f64)> =
+        history.iter().map(|o| (&o.point, o.score.unwrap_or(f64::NEG_INFINITY))).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     let n = ranked.len();
     let n_good = ((TPE_GAMMA * n as f64).ceil() as usize).clamp(1, n.saturating_sub(1).max(1));
     let (good, bad) = ranked.split_at(n_good);
-    let l: Vec<Vec<f64>> =
-        dims.iter().enumerate().map(|(d, dim)| density(*dim, &good.iter().map(|g| g.0[d]).collect::<Vec<_>>(), n)).collect();
-    let g: Vec<Vec<f64>> =
-        dims.iter().enumerate().map(|(d, dim)| density(*dim, &bad.iter().map(|b| b.0[d]).collect::<Vec<_>>(), n)).collect();
+    let l: Vec<Vec<f64>> = dims
+        .iter()
+        .enumerate()
+        .map(|(d, dim)| density(*dim, &good.iter().map(|g| g.0[d]).collect::<Vec<_>>(), n))
+        .collect();
+    let g: Vec<Vec<f64>> = dims
+        .iter()
+        .enumerate()
+        .map(|(d, dim)| density(*dim, &bad.iter().map(|b| b.0[d]).collect::<Vec<_>>(), n))
+        .collect();
     let mut best: Option<(f64, Point)> = None;
     for _ in 0..TPE_CANDIDATES {
         let p: Point = l.iter().map(|ld| draw(ld, rng)).collect();

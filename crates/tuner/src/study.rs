@@ -17,10 +17,10 @@ use tracing::{info, warn};
 
 use super::launch::{kill_leftover, LiveGroup};
 use super::report::{self, StudySummary};
+use super::server::ServerFactory;
 use super::space::SearchSpace;
 use super::store::{Store, StoreError, StudyMeta, STUDY_SCHEMA};
 use super::strategy::{self, Dim, Observed, Point};
-use super::server::ServerFactory;
 use super::trial::{score, StartFailure, TrialContext, TrialKind, TrialRecord, TrialStatus};
 use objectives::profile::{CapacityBucket, CapacityProfile, ProfileLimits, PROFILE_SCHEMA};
 
@@ -107,7 +107,11 @@ pub fn budget(space: &SearchSpace) -> u32 {
 }
 
 /// Runs (or resumes) a study to the end, or until `cancel` turns true.
-pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: watch::Receiver<bool>) -> Result<StudySummary, TuneError> {
+pub async fn run_study(
+    cfg: StudyConfig,
+    progress: SharedProgress,
+    mut cancel: watch::Receiver<bool>,
+) -> Result<StudySummary, TuneError> {
     let dir = cfg.dir.clone();
     let dir_err = |source| TuneError::Dir { path: dir.display().to_string(), source };
     std::fs::create_dir_all(dir.join("trials")).map_err(dir_err)?;
@@ -186,12 +190,15 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
             if searched(&records) + pending.len() as u32 >= budget {
                 break;
             }
-            let has_baseline = records.iter().any(|r| r.kind == TrialKind::Baseline) || pending.iter().any(|p| p.1.is_none());
+            let has_baseline =
+                records.iter().any(|r| r.kind == TrialKind::Baseline) || pending.iter().any(|p| p.1.is_none());
             let (kind, point, flags) = if !has_baseline {
                 (TrialKind::Baseline, None, baseline_flags(&space, gmu))
             } else {
-                let history: Vec<Observed> =
-                    records.iter().filter_map(|r| r.point.clone().map(|point| Observed { point, score: r.score })).collect();
+                let history: Vec<Observed> = records
+                    .iter()
+                    .filter_map(|r| r.point.clone().map(|point| Observed { point, score: r.score }))
+                    .collect();
                 let busy: Vec<Point> = pending.iter().filter_map(|p| p.1.clone()).collect();
                 match strategy::suggest(space.study.strategy, &dims, &history, &busy, &mut rng) {
                     Some(pt) => (TrialKind::Search, Some(pt.clone()), point_flags(&space, gmu, &pt)),
@@ -210,7 +217,18 @@ pub async fn run_study(cfg: StudyConfig, progress: SharedProgress, mut cancel: w
                 let started_unix = now_unix();
                 let (status, searches) = ctx.run(&flags, &gpu_set, &buckets, &log).await;
                 let score = score(&status, &searches);
-                let rec = TrialRecord { id, kind, point, flags, gpu_set, status, score, searches, started_unix, seconds: started.elapsed().as_secs_f64() };
+                let rec = TrialRecord {
+                    id,
+                    kind,
+                    point,
+                    flags,
+                    gpu_set,
+                    status,
+                    score,
+                    searches,
+                    started_unix,
+                    seconds: started.elapsed().as_secs_f64(),
+                };
                 (rec, set)
             });
         }

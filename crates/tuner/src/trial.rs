@@ -150,19 +150,35 @@ pub struct TrialContext {
 }
 
 impl TrialContext {
-    fn start_request<'a>(&'a self, flags: &'a BTreeMap<String, String>, gpu_set: &'a str, log: &'a Path) -> StartRequest<'a> {
+    fn start_request<'a>(
+        &'a self,
+        flags: &'a BTreeMap<String, String>,
+        gpu_set: &'a str,
+        log: &'a Path,
+    ) -> StartRequest<'a> {
         StartRequest { model: &self.space.study.model, flags, gpu_set, log, hook: &self.hook }
     }
 
     /// Starts and stops a server: whether these flags start at all (the memory search).
-    pub async fn starts(&self, flags: &BTreeMap<String, String>, gpu_set: &str, log: &Path) -> Result<(), StartFailure> {
+    pub async fn starts(
+        &self,
+        flags: &BTreeMap<String, String>,
+        gpu_set: &str,
+        log: &Path,
+    ) -> Result<(), StartFailure> {
         let server = self.servers.start(self.start_request(flags, gpu_set, log)).await?;
         server.stop().await;
         Ok(())
     }
 
     /// Runs a trial on `buckets` and returns its status and searches.
-    pub async fn run(&self, flags: &BTreeMap<String, String>, gpu_set: &str, buckets: &[Workload], log: &Path) -> (TrialStatus, Vec<(Bucket, RateSearch)>) {
+    pub async fn run(
+        &self,
+        flags: &BTreeMap<String, String>,
+        gpu_set: &str,
+        buckets: &[Workload],
+        log: &Path,
+    ) -> (TrialStatus, Vec<(Bucket, RateSearch)>) {
         let space = &self.space;
         let (slo, limits) = (space.limits.slo(), space.limits);
         let (runs, tol) = (space.study.max_rate_runs, space.study.rate_tolerance);

@@ -119,11 +119,8 @@ impl Args {
         put("block-size", self.block_size.map(|v| v.to_string()));
         put("max-model-len", self.max_model_len.map(|v| v.to_string()));
         put("tensor-parallel-size", Some(self.tensor_parallel_size.to_string()));
-        let caching = if self.no_enable_prefix_caching {
-            Some(false)
-        } else {
-            self.enable_prefix_caching.then_some(true)
-        };
+        let caching =
+            if self.no_enable_prefix_caching { Some(false) } else { self.enable_prefix_caching.then_some(true) };
         put("enable-prefix-caching", caching.map(|v| v.to_string()));
         put("sim-other-used-gib", self.sim_other_used_gib.map(|v| v.to_string()));
         put("sim-sm-clock", self.sim_sm_clock.map(|v| v.to_string()));
@@ -243,7 +240,8 @@ mod tests {
 
     #[test]
     fn accepts_vllm_style_command_lines() {
-        let a = parse(&["vllm-sim", "serve", "org/m", "--max_num_seqs=64", "--port", "9000", "--no-enable-prefix-caching"]);
+        let a =
+            parse(&["vllm-sim", "serve", "org/m", "--max_num_seqs=64", "--port", "9000", "--no-enable-prefix-caching"]);
         let (cfg, _) = a.engine_config().expect("config");
         assert_eq!((cfg.model_name.as_str(), cfg.max_num_seqs, a.port), ("org/m", 64, 9000));
         assert!(!cfg.enable_prefix_caching);
@@ -259,7 +257,19 @@ mod tests {
 
     #[test]
     fn the_same_flags_build_the_same_engine_as_launch_sim() {
-        let a = parse(&["vllm-sim", "m", "-t", "2", "--max-num-seqs", "32", "--enable-prefix-caching", "--sim-sm-clock", "1200", "--trust-remote-code", "--disable-log-stats"]);
+        let a = parse(&[
+            "vllm-sim",
+            "m",
+            "-t",
+            "2",
+            "--max-num-seqs",
+            "32",
+            "--enable-prefix-caching",
+            "--sim-sm-clock",
+            "1200",
+            "--trust-remote-code",
+            "--disable-log-stats",
+        ]);
         let trial: BTreeMap<String, String> = [
             ("tensor_parallel_size", "2"),
             ("max_num_seqs", "32"),
@@ -275,6 +285,11 @@ mod tests {
         let (tp2, _) = a.engine_config().expect("config");
         let (tp1, _) = parse(&["vllm-sim", "m", "--max-num-seqs", "32"]).engine_config().expect("config");
         let (p2, p1) = (tp2.memory_plan().expect("fits"), tp1.memory_plan().expect("fits"));
-        assert!(p2.kv_cache_gib > p1.kv_cache_gib, "two GPUs hold more KV cache: {} vs {}", p2.kv_cache_gib, p1.kv_cache_gib);
+        assert!(
+            p2.kv_cache_gib > p1.kv_cache_gib,
+            "two GPUs hold more KV cache: {} vs {}",
+            p2.kv_cache_gib,
+            p1.kv_cache_gib
+        );
     }
 }
