@@ -117,29 +117,30 @@ pub enum TuneCmd {
 /// A study to start: the request `agentctl tune start` sends and the flags it and
 /// `gpu-agent tune` both take (one definition, so the two commands cannot drift apart). Paths
 /// are as the agent sees them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct TuneStart {
     /// Search space (TOML).
-    #[arg(long, value_name = "FILE")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "FILE"))]
     pub space: PathBuf,
     /// Server command template with `{flags}` (and optionally `{model}`, `{port}`), e.g.
     /// 'vllm serve {model} {flags}'; or `sim` to evaluate trials on the in-process simulator
     /// in virtual time.
-    #[arg(long, value_name = "CMD")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "CMD"))]
     pub launch: String,
     /// Study directory: logs, results and the study store [default: tune/<study name>, under
     /// the working directory for `gpu-agent tune`, under the agent's state directory for
     /// `agentctl tune start`]
-    #[arg(long, value_name = "DIR")]
+    #[cfg_attr(feature = "clap", arg(long, value_name = "DIR"))]
     pub study_dir: Option<PathBuf>,
     /// grid | random | tpe (overrides the space's study.strategy).
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub strategy: Option<String>,
     /// Most trials, baseline included (overrides study.trials).
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub trials: Option<u32>,
     /// Discard an earlier study in the directory instead of resuming it.
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub fresh: bool,
 }
 

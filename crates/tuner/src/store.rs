@@ -5,23 +5,25 @@
 use std::path::Path;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use store::OnMismatch;
 
 use super::launch::LiveGroup;
 use super::trial::TrialRecord;
 
 /// Bump when a stored type changes; older studies are refused with a clear message.
-pub const STUDY_SCHEMA: u32 = 1;
+/// 2: the schema version moved to the versioned store's own key (crate `store`).
+pub const STUDY_SCHEMA: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("study store {path}: {source}")]
-    Sled { path: String, source: sled::Error },
-    #[error("study store: cannot encode: {0}")]
-    Encode(String),
-    #[error("study store: record `{key}` does not decode ({message}); start a new study directory")]
-    Decode { key: String, message: String },
-    #[error("study store {path} was written by schema {found}, this agent reads {STUDY_SCHEMA}; start a new study directory")]
-    Schema { path: String, found: u32 },
+    #[error("study store {path} is of another version; start a new study directory (or --fresh)")]
+    Schema {
+        path: String,
+        #[source]
+        source: store::StoreError,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     #[error("study directory {path} holds a study of a different search space or launch command; use another --study-dir (or --fresh to discard it)")]
     Mismatch { path: String },
 }
@@ -36,20 +38,11 @@ pub struct StudyMeta {
     pub created_unix: u64,
 }
 
+/// One study's store: a versioned store that refuses a study of another version (its trials
+/// are the user's results, never to be moved aside silently).
 #[derive(Debug, Clone)]
 pub struct Store {
-    db: sled::Db,
-    path: String,
-}
-
-fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(|e| StoreError::Encode(e.to_string()))
-}
-
-fn dec<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map(|(v, _)| v)
-        .map_err(|e| StoreError::Decode { key: String::from_utf8_lossy(key).into_owned(), message: e.to_string() })
+    inner: store::Store,
 }
 
 fn trial_key(id: u32) -> String {
@@ -60,65 +53,37 @@ impl Store {
     /// Opens (or creates) the store and checks it belongs to `meta`'s study.
     pub fn open(dir: &Path, meta: &StudyMeta) -> Result<Store, StoreError> {
         let path = dir.join("study.sled");
-        let p = path.display().to_string();
-        let db = store::open_sled(&path).map_err(|source| StoreError::Sled { path: p.clone(), source })?;
-        let s = Store { db, path: p.clone() };
-        match s.get::<u32>("schema")? {
-            Some(found) if found != STUDY_SCHEMA => return Err(StoreError::Schema { path: p, found }),
-            _ => {}
-        }
-        match s.get::<StudyMeta>("meta")? {
+        let inner = store::Store::open("study store", &path, STUDY_SCHEMA, OnMismatch::Refuse).map_err(|e| match e {
+            store::StoreError::Incompatible { .. } => StoreError::Schema { path: path.display().to_string(), source: e },
+            other => StoreError::Store(other),
+        })?;
+        let s = Store { inner };
+        match s.inner.get::<StudyMeta>(b"meta")? {
             Some(old) if old.space_json != meta.space_json || old.launch != meta.launch => {
                 return Err(StoreError::Mismatch { path: dir.display().to_string() })
             }
             Some(_) => {}
-            None => {
-                s.put("schema", &STUDY_SCHEMA)?;
-                s.put("meta", meta)?;
-            }
+            None => s.inner.put(b"meta", meta)?,
         }
         Ok(s)
     }
 
-    fn sled_err(&self, source: sled::Error) -> StoreError {
-        StoreError::Sled { path: self.path.clone(), source }
-    }
-
-    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        match self.db.get(key).map_err(|e| self.sled_err(e))? {
-            Some(v) => dec(key.as_bytes(), &v).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// Writes and flushes, so a crash right after loses nothing.
-    fn put<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StoreError> {
-        self.db.insert(key, enc(v)?).map_err(|e| self.sled_err(e))?;
-        self.db.flush().map_err(|e| self.sled_err(e))?;
-        Ok(())
-    }
-
     pub fn gpu_memory_utilization(&self) -> Result<Option<f64>, StoreError> {
-        self.get("gmu")
+        Ok(self.inner.get(b"gmu")?)
     }
 
     pub fn set_gpu_memory_utilization(&self, v: f64) -> Result<(), StoreError> {
-        self.put("gmu", &v)
+        Ok(self.inner.put(b"gmu", &v)?)
     }
 
     pub fn put_trial(&self, t: &TrialRecord) -> Result<(), StoreError> {
-        self.put(&trial_key(t.id), t)
+        Ok(self.inner.put(trial_key(t.id).as_bytes(), t)?)
     }
 
     /// Every record under `prefix`, in key order.
     fn scan<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, StoreError> {
-        self.db
-            .scan_prefix(prefix)
-            .map(|kv| {
-                let (k, v) = kv.map_err(|e| self.sled_err(e))?;
-                dec(&k, &v)
-            })
-            .collect()
+        let rows = self.inner.scan_raw(prefix.as_bytes())?;
+        rows.iter().map(|(k, v)| Ok(self.inner.decode(k, v)?)).collect()
     }
 
     /// Every finished trial, by id.
@@ -127,12 +92,11 @@ impl Store {
     }
 
     pub fn add_live(&self, g: LiveGroup) -> Result<(), StoreError> {
-        self.put(&format!("live/{}", g.pgid), &g)
+        Ok(self.inner.put(format!("live/{}", g.pgid).as_bytes(), &g)?)
     }
 
     pub fn remove_live(&self, g: LiveGroup) -> Result<(), StoreError> {
-        self.db.remove(format!("live/{}", g.pgid)).map_err(|e| self.sled_err(e))?;
-        self.db.flush().map_err(|e| self.sled_err(e))?;
+        self.inner.remove(format!("live/{}", g.pgid).as_bytes())?;
         Ok(())
     }
 
@@ -183,5 +147,17 @@ mod tests {
         drop(s);
         let e = Store::open(dir.path(), &meta("{\"other\":1}")).expect_err("mismatch");
         assert!(matches!(e, StoreError::Mismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_study_of_another_version_is_refused_and_left_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("study.sled");
+        store::Store::open("old study", &path, STUDY_SCHEMA - 1, OnMismatch::Refuse).expect("old").put(b"meta", &1u8).expect("put");
+        let e = Store::open(dir.path(), &meta("{}")).expect_err("another version");
+        assert!(matches!(e, StoreError::Schema { .. }), "{e}");
+        assert!(e.to_string().contains("start a new study directory"), "{e}");
+        let old = store::Store::open("old study", &path, STUDY_SCHEMA - 1, OnMismatch::Refuse).expect("still there");
+        assert_eq!(old.get::<u8>(b"meta").expect("get"), Some(1));
     }
 }
