@@ -200,9 +200,9 @@ fn follow_study(client: &mut Client, first: &Response, json: bool) -> ExitCode {
             Some(b) => format!("best {b:.2} req/s, {} failed", p.trials_failed),
             None => format!("{} failed", p.trials_failed),
         });
-        if p.state != "running" {
+        if p.state != proto::StudyState::Running {
             bar.finish_and_clear();
-            let code = if p.state == "finished" { ExitCode::SUCCESS } else { ExitCode::from(1) };
+            let code = if p.state == proto::StudyState::Finished { ExitCode::SUCCESS } else { ExitCode::from(1) };
             let _ = show(&resp, json);
             return code;
         }
@@ -341,7 +341,11 @@ fn table(s: &StatusReport) -> String {
         "agent      gpu-agent {}, up {:.0} s, {} cycles of {} s\n",
         s.agent_version, s.uptime_s, s.cycles, s.period_s
     );
-    o += &format!("mode       {} (phase {}), clock {clock}\n", s.mode, s.phase.as_deref().unwrap_or("-"));
+    o += &format!(
+        "mode       {} (phase {}), clock {clock}\n",
+        s.mode,
+        s.phase.map_or_else(|| "-".to_string(), |p| p.to_string())
+    );
     o += &format!("objectives TTFT {:.0} ms, TPOT {:.0} ms\n", s.ttft_slo_s * 1e3, s.tpot_slo_s * 1e3);
     o += &format!("vllm       {} ({})\n", s.vllm_url, if s.vllm_up { "up" } else { "NOT ANSWERING" });
     if let Some(w) = &s.window {

@@ -146,7 +146,7 @@ fn no_production_crate_needs_the_simulator_or_the_lab() {
 
 #[test]
 fn the_packaged_daemon_contains_neither_the_simulator_nor_the_lab() {
-    // The build the packages ship (see packaging/README.md and tests/tests/packages.rs).
+    // The build the packages ship (README, "Install from a package"; tests/tests/packages.rs).
     let out = cargo()
         .args([
             "tree",

@@ -32,19 +32,33 @@ fn run(cmd: &mut Command) -> String {
     text
 }
 
-/// One release build of the workspace in its own target dir (so it never waits on the
-/// `cargo test` that runs this), shared by both package tests.
+/// The build the packages ship, in its own target dir (so it never waits on the `cargo test`
+/// that runs this), shared by the package tests: the daemon without the simulator and the lab
+/// (`--no-default-features --features nvml`), agentctl, and vllm-sim for trying it out.
 fn release_target() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = root().join("target/packaging");
-        run(Command::new(env!("CARGO"))
-            .current_dir(root())
-            .args(["build", "--release", "--workspace", "--bins", "--target-dir"])
-            .arg(&dir));
+        run(Command::new(env!("CARGO")).current_dir(root()).args(PACKAGED_BUILD).arg("--target-dir").arg(&dir));
         dir
     })
 }
+
+/// `cargo` arguments of the packaged build (README, "Install from a package").
+const PACKAGED_BUILD: &[&str] = &[
+    "build",
+    "--release",
+    "-p",
+    "gpu-agent",
+    "-p",
+    "agentctl",
+    "-p",
+    "sim",
+    "--bins",
+    "--no-default-features",
+    "--features",
+    "gpu-agent/nvml",
+];
 
 fn newest(dir: &Path, ext: &str) -> PathBuf {
     std::fs::read_dir(dir)
@@ -128,4 +142,18 @@ fn rpm_package_installs_binaries_config_unit_and_scripts() {
     let scripts = run(Command::new("rpm").arg("-qp").arg("--scripts").arg(&out));
     assert!(scripts.contains("daemon-reload"), "{scripts}");
     assert!(!starts_service(&scripts), "never started on install:\n{scripts}");
+}
+
+#[test]
+fn the_packaged_daemon_has_no_simulator_and_says_so() {
+    let agent = release_target().join("release/gpu-agent");
+    let out = Command::new(&agent).arg("--simulate").output().expect("run the packaged gpu-agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--simulate needs a gpu-agent built with the `simulate` feature"), "{err}");
+    assert_eq!(err.trim().lines().filter(|l| l.starts_with("gpu-agent:")).count(), 1, "one line: {err}");
+    let help = run(Command::new(&agent).arg("--help"));
+    assert!(!help.lines().any(|l| l.trim_start().starts_with("bench ")), "no lab in the packaged daemon:\n{help}");
+    let out = Command::new(&agent).args(["gpus", "--simulate"]).output().expect("run");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs a gpu-agent built with the `simulate` feature"));
 }

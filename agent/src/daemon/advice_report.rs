@@ -1,7 +1,8 @@
 //! The advice as `agentctl advice` receives it: the advisor's [`Advice`] mapped to the wire.
 
+use advisor::online::Limit;
 use advisor::Advice;
-use proto::{AdviceDemand, AdviceFit, AdviceOnline, AdviceProfile, AdviceReport};
+use proto::{AdviceDemand, AdviceFit, AdviceOnline, AdviceProfile, AdviceReport, CapacityLimit};
 
 pub fn advice_report(a: &Advice) -> AdviceReport {
     {
@@ -23,7 +24,7 @@ pub fn advice_report(a: &Advice) -> AdviceReport {
             online: cap.and_then(|c| {
                 c.online.map(|o| AdviceOnline {
                     max_rate: o.max_rate,
-                    limit: o.limit.as_str().to_string(),
+                    limit: capacity_limit(o.limit),
                     predicted_tpot_s: o.tpot_s,
                     predicted_ttft_s: o.ttft_s,
                     weight: c.online_weight,
@@ -52,5 +53,14 @@ pub fn advice_report(a: &Advice) -> AdviceReport {
             data_age_s: a.data_age_s,
             reason: a.reason.clone(),
         }
+    }
+}
+
+fn capacity_limit(l: Limit) -> CapacityLimit {
+    match l {
+        Limit::Tpot => CapacityLimit::Tpot,
+        Limit::Ttft => CapacityLimit::Ttft,
+        Limit::Concurrency => CapacityLimit::Concurrency,
+        Limit::Saturation => CapacityLimit::Saturation,
     }
 }

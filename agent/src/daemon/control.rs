@@ -36,7 +36,7 @@ impl Agent {
                         return failed(format!("mode set, but resetting clocks failed: {e}"));
                     }
                 }
-                Response::Ok(format!("mode {}", super::mode_name(&self.cfg)))
+                Response::Ok(format!("mode {}", super::clock_policy(&self.cfg)))
             }
             Request::Pin(mhz) => {
                 let mut policy = self.cfg.policy.clone();
@@ -73,7 +73,7 @@ impl Agent {
                         return failed(format!("unpinned, but resetting clocks failed: {e}"));
                     }
                 }
-                Response::Ok(format!("unpinned; mode {}", super::mode_name(&self.cfg)))
+                Response::Ok(format!("unpinned; mode {}", super::clock_policy(&self.cfg)))
             }
             Request::SetSlo { ttft_s, tpot_s } => {
                 let mut policy = self.cfg.policy.clone();
@@ -125,7 +125,7 @@ impl Agent {
         self.steering.set_policy(policy.clone());
         self.cfg.policy = policy;
         let mut st = self.status_write();
-        st.mode = super::mode_name(&self.cfg);
+        st.mode = super::clock_policy(&self.cfg);
         st.ttft_slo_seconds = self.cfg.policy.ttft_slo_seconds;
         st.tpot_slo_seconds = self.cfg.policy.tpot_slo_seconds;
     }
@@ -170,8 +170,8 @@ impl Agent {
             uptime_s: self.started.elapsed().as_secs_f64(),
             period_s: self.cfg.agent.period_seconds,
             cycles: st.cycles,
-            mode: st.mode.clone(),
-            phase: st.phase.clone(),
+            mode: st.mode,
+            phase: st.phase.map(governor_phase),
             locked_mhz: match self.clocks.applied() {
                 ClockTarget::Default => None,
                 ClockTarget::Locked(m) => Some(m),
@@ -185,5 +185,17 @@ impl Agent {
             governor,
             last_error: st.last_error.clone(),
         }
+    }
+}
+
+fn governor_phase(p: governor::Phase) -> proto::GovernorPhase {
+    use governor::Phase;
+    match p {
+        Phase::Explore => proto::GovernorPhase::Explore,
+        Phase::Exploit => proto::GovernorPhase::Exploit,
+        Phase::Fallback => proto::GovernorPhase::Fallback,
+        Phase::Idle => proto::GovernorPhase::Idle,
+        Phase::Observe => proto::GovernorPhase::Observe,
+        Phase::Pinned => proto::GovernorPhase::Pinned,
     }
 }

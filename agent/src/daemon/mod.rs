@@ -25,6 +25,7 @@ use clocks::{ClockKeeper, ClockTarget};
 use governor::Decision;
 use gpu::{GpuBackend, GpuError, GpuInfo, GpuSample};
 use metrics::AgentMetrics;
+use proto::{ClockPolicy, Mode};
 use vllm_metrics::{Scraper, Snapshot, Window};
 
 /// Consecutive failed scrapes after which clocks go back to the driver.
@@ -78,9 +79,9 @@ pub struct Status {
     pub samples: Vec<GpuSample>,
     /// Locked SM clock in MHz, None when the driver manages clocks.
     pub locked_mhz: Option<u32>,
-    pub mode: String,
+    pub mode: ClockPolicy,
     /// The governor's phase (explore, exploit, fallback, ...), once it has decided.
-    pub phase: Option<String>,
+    pub phase: Option<governor::Phase>,
     pub decision: Option<Decision>,
     pub ttft_slo_seconds: f64,
     pub tpot_slo_seconds: f64,
@@ -287,7 +288,7 @@ impl Agent {
         let status = Status {
             vllm_url: cfg.vllm.metrics_url.clone(),
             gpus: infos.clone(),
-            mode: mode_name(&cfg),
+            mode: clock_policy(&cfg),
             ttft_slo_seconds: cfg.policy.ttft_slo_seconds,
             tpot_slo_seconds: cfg.policy.tpot_slo_seconds,
             period_seconds: cfg.agent.period_seconds,
@@ -342,7 +343,7 @@ impl Agent {
         {
             let mut st = self.status_write();
             st.vllm_url = new.vllm.metrics_url.clone();
-            st.mode = mode_name(&new);
+            st.mode = clock_policy(&new);
             st.ttft_slo_seconds = new.policy.ttft_slo_seconds;
             st.tpot_slo_seconds = new.policy.tpot_slo_seconds;
             st.period_seconds = new.agent.period_seconds;
@@ -421,7 +422,7 @@ impl Agent {
             st.window = window;
         }
         if let Some(d) = decision {
-            st.phase = Some(d.phase.as_str().to_string());
+            st.phase = Some(d.phase);
             st.decision = Some(d);
         }
         st.samples = samples;
@@ -596,13 +597,13 @@ fn summarise(w: Option<&Window>, samples: &[GpuSample], clock: ClockTarget) {
     info!("vLLM: {vllm} | GPU: {} | clock {clock}", gpus.join(", "));
 }
 
-fn mode_name(cfg: &Config) -> String {
+fn clock_policy(cfg: &Config) -> ClockPolicy {
     match (cfg.policy.mode, cfg.policy.pin_mhz) {
-        (PolicyMode::Pinned, Some(m)) => format!("pinned:{m}"),
-        (PolicyMode::Pinned, None) | (PolicyMode::Default, _) => "default".into(),
-        (PolicyMode::Slo, _) => "slo".into(),
-        (PolicyMode::Edp, _) => "edp".into(),
-        (PolicyMode::Observe, _) => "observe".into(),
+        (PolicyMode::Pinned, Some(m)) => ClockPolicy::Pinned(m),
+        (PolicyMode::Pinned, None) | (PolicyMode::Default, _) => ClockPolicy::Mode(Mode::Default),
+        (PolicyMode::Slo, _) => ClockPolicy::Mode(Mode::Slo),
+        (PolicyMode::Edp, _) => ClockPolicy::Mode(Mode::Edp),
+        (PolicyMode::Observe, _) => ClockPolicy::Mode(Mode::Observe),
     }
 }
 

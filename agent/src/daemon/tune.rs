@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::{ErrorKind, Response, TuneCmd, TuneProgress, TuneReply};
+use proto::{ErrorKind, Response, StudyPhase, StudyState, TuneCmd, TuneProgress, TuneReply};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -48,7 +48,7 @@ impl TuneService {
     fn snapshot(&self) -> TuneProgress {
         match &self.current {
             Some(r) => r.progress.lock().map(|p| p.clone()).unwrap_or_default(),
-            None => TuneProgress { state: "idle".into(), ..TuneProgress::default() },
+            None => TuneProgress::default(),
         }
     }
 
@@ -77,12 +77,12 @@ impl TuneService {
                 };
                 let progress = SharedProgress::default();
                 if let Ok(mut p) = progress.lock() {
-                    p.state = "running".into();
+                    p.state = StudyState::Running;
                     p.study = cfg.space.study.name.clone();
                     p.study_dir = cfg.dir.display().to_string();
                     p.strategy = cfg.space.study.strategy.to_string();
                     p.trials_total = tuner::study::budget(&cfg.space);
-                    p.phase = "starting".into();
+                    p.phase = StudyPhase::Starting;
                 }
                 let (cancel, rx) = watch::channel(false);
                 let dir = cfg.dir.clone();
@@ -92,7 +92,8 @@ impl TuneService {
                     if let Err(e) = result {
                         tracing::warn!(error = %e, "study ended");
                         if let Ok(mut p) = shared.lock() {
-                            p.state = if matches!(e, TuneError::Stopped) { "stopped".into() } else { "failed".into() };
+                            p.state =
+                                if matches!(e, TuneError::Stopped) { StudyState::Stopped } else { StudyState::Failed };
                             p.running = 0;
                             p.message = Some(e.to_string());
                         }
@@ -107,7 +108,7 @@ impl TuneService {
                     Some(r) if !r.task.is_finished() => {
                         let _ = r.cancel.send(true);
                         if let Ok(mut p) = r.progress.lock() {
-                            p.phase = "stopping".into();
+                            p.phase = StudyPhase::Stopping;
                         }
                     }
                     _ => return err(ErrorKind::Failed, "no study is running"),

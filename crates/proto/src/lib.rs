@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// 2: structured `tune` requests and answers, `advice` answers, model export/import by content.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: states are enums (study state and phase, clock policy, governor phase, capacity limit).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame body either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 pub const DEFAULT_SOCKET: &str = "/run/gpu-agent/agent.sock";
@@ -54,6 +55,155 @@ impl std::str::FromStr for Mode {
             "default" => Ok(Mode::Default),
             other => Err(format!("unknown mode {other:?}: expected slo, edp, observe or default")),
         }
+    }
+}
+
+impl Mode {
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Slo => "slo",
+            Mode::Edp => "edp",
+            Mode::Observe => "observe",
+            Mode::Default => "default",
+        }
+    }
+}
+
+/// What the agent does with the clocks now: a mode, or a pinned clock. Shown and sent as
+/// `slo`, `edp`, `observe`, `default` or `pinned:MHZ` (the default: driver-managed clocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum ClockPolicy {
+    Mode(Mode),
+    Pinned(u32),
+}
+
+impl Default for ClockPolicy {
+    fn default() -> Self {
+        ClockPolicy::Mode(Mode::Default)
+    }
+}
+
+impl std::fmt::Display for ClockPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClockPolicy::Mode(m) => f.write_str(m.as_str()),
+            ClockPolicy::Pinned(mhz) => write!(f, "pinned:{mhz}"),
+        }
+    }
+}
+
+impl From<ClockPolicy> for String {
+    fn from(p: ClockPolicy) -> String {
+        p.to_string()
+    }
+}
+
+impl TryFrom<String> for ClockPolicy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        match s.strip_prefix("pinned:") {
+            Some(mhz) => mhz.parse().map(ClockPolicy::Pinned).map_err(|_| format!("bad pinned clock in {s:?}")),
+            None => s.parse().map(ClockPolicy::Mode),
+        }
+    }
+}
+
+/// What the governor did in the last cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GovernorPhase {
+    Explore,
+    Exploit,
+    Fallback,
+    Idle,
+    Observe,
+    Pinned,
+}
+
+impl std::fmt::Display for GovernorPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GovernorPhase::Explore => "explore",
+            GovernorPhase::Exploit => "exploit",
+            GovernorPhase::Fallback => "fallback",
+            GovernorPhase::Idle => "idle",
+            GovernorPhase::Observe => "observe",
+            GovernorPhase::Pinned => "pinned",
+        })
+    }
+}
+
+/// Where a study stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StudyState {
+    #[default]
+    Idle,
+    Running,
+    Finished,
+    Failed,
+    Stopped,
+}
+
+impl std::fmt::Display for StudyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StudyState::Idle => "idle",
+            StudyState::Running => "running",
+            StudyState::Finished => "finished",
+            StudyState::Failed => "failed",
+            StudyState::Stopped => "stopped",
+        })
+    }
+}
+
+/// What a running study is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StudyPhase {
+    #[default]
+    Starting,
+    MemorySearch,
+    Trials,
+    CapacityProfile,
+    Reports,
+    Done,
+    Stopping,
+}
+
+impl std::fmt::Display for StudyPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StudyPhase::Starting => "starting",
+            StudyPhase::MemorySearch => "memory search",
+            StudyPhase::Trials => "trials",
+            StudyPhase::CapacityProfile => "capacity profile",
+            StudyPhase::Reports => "reports",
+            StudyPhase::Done => "done",
+            StudyPhase::Stopping => "stopping",
+        })
+    }
+}
+
+/// What caps the online model's capacity estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CapacityLimit {
+    Tpot,
+    Ttft,
+    Concurrency,
+    Saturation,
+}
+
+impl std::fmt::Display for CapacityLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CapacityLimit::Tpot => "TPOT objective",
+            CapacityLimit::Ttft => "TTFT objective",
+            CapacityLimit::Concurrency => "max running requests (max_num_seqs or KV cache)",
+            CapacityLimit::Saturation => "engine saturation",
+        })
     }
 }
 
@@ -147,13 +297,12 @@ pub struct TuneStart {
 /// Where a study stands (also the standalone tuner's progress).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TuneProgress {
-    /// idle, running, finished, failed or stopped.
-    pub state: String,
+    pub state: StudyState,
     pub study: String,
     pub study_dir: String,
     pub strategy: String,
-    /// What it is doing now (memory search, trials, capacity profile, reports).
-    pub phase: String,
+    /// What it is doing now.
+    pub phase: StudyPhase,
     pub trials_done: u32,
     pub trials_total: u32,
     pub trials_failed: u32,
@@ -227,8 +376,8 @@ pub struct StatusReport {
     pub uptime_s: f64,
     pub period_s: f64,
     pub cycles: u64,
-    pub mode: String,
-    pub phase: Option<String>,
+    pub mode: ClockPolicy,
+    pub phase: Option<GovernorPhase>,
     pub locked_mhz: Option<u32>,
     pub vllm_url: String,
     pub vllm_up: bool,
@@ -257,8 +406,8 @@ pub struct AdviceDemand {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdviceOnline {
     pub max_rate: f64,
-    /// Which limit caps it (TPOT objective, TTFT objective, max running requests, saturation).
-    pub limit: String,
+    /// Which limit caps it.
+    pub limit: CapacityLimit,
     pub predicted_tpot_s: f64,
     pub predicted_ttft_s: f64,
     /// Weight of this estimate in the combined capacity, 0..1.
@@ -506,7 +655,7 @@ mod tests {
             capacity_rate: Some(31.0),
             online: Some(AdviceOnline {
                 max_rate: 30.0,
-                limit: "TPOT objective".into(),
+                limit: CapacityLimit::Tpot,
                 predicted_tpot_s: 0.05,
                 predicted_ttft_s: 0.2,
                 weight: 0.8,

@@ -53,10 +53,13 @@ impl Store {
     /// Opens (or creates) the store and checks it belongs to `meta`'s study.
     pub fn open(dir: &Path, meta: &StudyMeta) -> Result<Store, StoreError> {
         let path = dir.join("study.sled");
-        let inner = store::Store::open("study store", &path, STUDY_SCHEMA, OnMismatch::Refuse).map_err(|e| match e {
-            store::StoreError::Incompatible { .. } => StoreError::Schema { path: path.display().to_string(), source: e },
-            other => StoreError::Store(other),
-        })?;
+        let inner =
+            store::Store::open("study store", &path, STUDY_SCHEMA, OnMismatch::Refuse).map_err(|e| match e {
+                store::StoreError::Incompatible { .. } => {
+                    StoreError::Schema { path: path.display().to_string(), source: e }
+                }
+                other => StoreError::Store(other),
+            })?;
         let s = Store { inner };
         match s.inner.get::<StudyMeta>(b"meta")? {
             Some(old) if old.space_json != meta.space_json || old.launch != meta.launch => {
@@ -153,7 +156,10 @@ mod tests {
     fn a_study_of_another_version_is_refused_and_left_in_place() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("study.sled");
-        store::Store::open("old study", &path, STUDY_SCHEMA - 1, OnMismatch::Refuse).expect("old").put(b"meta", &1u8).expect("put");
+        store::Store::open("old study", &path, STUDY_SCHEMA - 1, OnMismatch::Refuse)
+            .expect("old")
+            .put(b"meta", &1u8)
+            .expect("put");
         let e = Store::open(dir.path(), &meta("{}")).expect_err("another version");
         assert!(matches!(e, StoreError::Schema { .. }), "{e}");
         assert!(e.to_string().contains("start a new study directory"), "{e}");

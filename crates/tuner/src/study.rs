@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use proto::TuneProgress;
+use proto::{StudyPhase, StudyState, TuneProgress};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::sync::watch;
@@ -150,7 +150,7 @@ pub async fn run_study(
     let dims = dims(&space);
     let budget = budget(&space);
     update(&progress, |p| {
-        p.state = "running".into();
+        p.state = StudyState::Running;
         p.study = space.study.name.clone();
         p.study_dir = dir.display().to_string();
         p.strategy = space.study.strategy.to_string();
@@ -158,7 +158,7 @@ pub async fn run_study(
     });
 
     // 1. gpu-memory-utilization.
-    update(&progress, |p| p.phase = "memory search".into());
+    update(&progress, |p| p.phase = StudyPhase::MemorySearch);
     let gmu = match (space.gpu_memory_utilization.fixed, store.gpu_memory_utilization()?) {
         (Some(f), _) => f,
         (None, Some(found)) => found,
@@ -184,7 +184,7 @@ pub async fn run_study(
     let mut pending: Vec<(u32, Option<Point>)> = Vec::new();
     let searched = |recs: &[TrialRecord]| recs.iter().filter(|r| r.kind != TrialKind::Profile).count() as u32;
     show(&progress, &records);
-    update(&progress, |p| p.phase = "trials".into());
+    update(&progress, |p| p.phase = StudyPhase::Trials);
     loop {
         while let Some(&set) = free.last() {
             if searched(&records) + pending.len() as u32 >= budget {
@@ -279,7 +279,7 @@ pub async fn run_study(
         } else if let Some(done) = records.iter().find(|r| r.kind == TrialKind::Profile && r.flags == best.flags) {
             profile_rec = Some(done.clone());
         } else {
-            update(&progress, |p| p.phase = "capacity profile".into());
+            update(&progress, |p| p.phase = StudyPhase::CapacityProfile);
             let id = next_id;
             let log = dir.join("trials").join(format!("{id:04}.log"));
             let started = Instant::now();
@@ -314,8 +314,8 @@ pub async fn run_study(
     let profile = profile_rec.as_ref().and_then(|r| capacity_profile(&space, cfg.servers.as_ref(), r));
     let summary = write_outputs(&dir, &space, &records, gmu, profile.as_ref(), &progress)?;
     update(&progress, |p| {
-        p.state = "finished".into();
-        p.phase = "done".into();
+        p.state = StudyState::Finished;
+        p.phase = StudyPhase::Done;
         if summary.best.is_none() {
             p.message = Some("no trial met the limits at any rate".into());
         }
@@ -445,7 +445,7 @@ fn write_outputs(
     profile: Option<&CapacityProfile>,
     progress: &SharedProgress,
 ) -> Result<StudySummary, TuneError> {
-    update(progress, |p| p.phase = "reports".into());
+    update(progress, |p| p.phase = StudyPhase::Reports);
     if let Some(p) = profile {
         p.save(&dir.join("capacity-profile.json")).map_err(|e| TuneError::Report(e.to_string()))?;
     }
