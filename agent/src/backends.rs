@@ -16,8 +16,9 @@ pub enum BackendError {
     Gpu(#[from] GpuError),
     #[error("{what} needs a gpu-agent built with the `{feature}` feature")]
     NotBuilt { what: &'static str, feature: &'static str },
-    #[error("simulated vLLM failed to start: {0}")]
-    Simulation(String),
+    #[cfg(feature = "simulate")]
+    #[error("simulated vLLM failed to start")]
+    Simulation(#[source] sim::server::ServerError),
 }
 
 /// Opens the GPU backend; `indices` are the GPUs the agent must see (empty: all of them).

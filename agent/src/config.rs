@@ -12,7 +12,7 @@ pub use advisor::AdvisorConfig as AdvisorSection;
 /// A configuration problem, always naming the field (or the TOML line) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("config {path}: {msg}")]
     Syntax { path: PathBuf, msg: String },

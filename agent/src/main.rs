@@ -196,21 +196,10 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// The error and its causes on one line. A cause the message above it already spells out
-/// (library errors name their source in their own message) is not repeated.
+/// The error and its causes on one line; each error keeps its cause as its source, so each
+/// appears once.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
 }
 
 /// Exit 2 on malformed input (one line naming the line number), 1 when it cannot be read.
@@ -226,7 +215,7 @@ async fn inspect(file: Option<PathBuf>, url: Option<String>) -> ExitCode {
         (None, Some(url)) => match vllm_metrics::Scraper::new().fetch_text(&url, Duration::from_secs(5)).await {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("gpu-agent: {e}");
+                eprintln!("gpu-agent: {}", gpu_agent::error_chain(&e));
                 return ExitCode::from(1);
             }
         },
@@ -328,11 +317,10 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 /// `gpu-agent tune`: exit 0 with the best flags, 2 on a bad space or command, 1 when the study
 /// fails, 130 when stopped by SIGINT/SIGTERM (every server stopped; rerun to resume).
 async fn tune(args: TuneArgs) -> ExitCode {
-    use tuner;
     let mut cfg = match tuner::study_config(&args.study, std::path::Path::new("tune"), backends::in_process_servers()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("gpu-agent: {e}");
+            eprintln!("gpu-agent: {}", gpu_agent::error_chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -367,7 +355,7 @@ async fn tune(args: TuneArgs) -> ExitCode {
             ExitCode::from(130)
         }
         Ok(Err(e)) => {
-            eprintln!("gpu-agent: tune: {e}");
+            eprintln!("gpu-agent: tune: {}", gpu_agent::error_chain(&e));
             ExitCode::from(1)
         }
         Err(e) => {

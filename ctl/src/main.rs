@@ -251,7 +251,13 @@ fn absolute(p: &std::path::Path) -> PathBuf {
 }
 
 fn fail(e: &ClientError) -> ExitCode {
-    eprintln!("agentctl: {e}");
+    let mut line = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        line = format!("{line}: {c}");
+        cause = c.source();
+    }
+    eprintln!("agentctl: {line}");
     match e {
         ClientError::Unreachable { .. } => ExitCode::from(3),
         _ => ExitCode::from(1),

@@ -28,7 +28,7 @@ pub const MAX_CONNECTIONS: usize = 128;
 pub enum ControlError {
     #[error("another agent is already listening on {0}")]
     InUse(PathBuf),
-    #[error("cannot create the control socket {path}: {source}")]
+    #[error("cannot create the control socket {path}")]
     Bind { path: PathBuf, source: std::io::Error },
     #[error("{0} exists and is not a socket; not replacing it")]
     NotASocket(PathBuf),

@@ -96,15 +96,15 @@ impl Agent {
             Request::Model(cmd) => match cmd {
                 ModelCmd::Reset => match self.steering.reset_model() {
                     Ok(()) => Response::Ok("governor model reset; learning afresh".into()),
-                    Err(e) => failed(format!("model reset: {e}")),
+                    Err(e) => failed(format!("model reset: {}", crate::error_chain(&e))),
                 },
                 ModelCmd::Export => match self.steering.export() {
                     Ok(json) => Response::ModelState(json),
-                    Err(e) => failed(format!("model export: {e}")),
+                    Err(e) => failed(format!("model export: {}", crate::error_chain(&e))),
                 },
                 ModelCmd::Import(json) => match self.steering.import(&json) {
                     Ok(what) => Response::Ok(format!("governor model imported ({what})")),
-                    Err(e) => failed(format!("model import: {e}")),
+                    Err(e) => failed(format!("model import: {}", crate::error_chain(&e))),
                 },
             },
             Request::Reload => failed("reload is handled by the daemon loop"),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 
 use crate::config::{PolicyMode, PolicySection};
-use governor::store::{export_text, parse_export, Export, Store, SCHEMA_VERSION};
+use governor::store::{export_text, parse_export, Export, Store, StoreError, SCHEMA_VERSION};
 use governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation};
 use vllm_metrics::Window;
 
@@ -24,6 +24,17 @@ pub struct Steering {
     policy: PolicySection,
     /// `--reset-model`: drop the stored state of the first model seen instead of restoring it.
     reset_pending: bool,
+}
+
+/// Why a model command (`agentctl model reset|export|import`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    #[error("nothing learnt yet: the governor starts with the first vLLM window")]
+    NothingLearnt,
+    #[error("the import was learnt on {found:?}, this agent runs {ours:?}")]
+    OtherGpu { found: String, ours: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl Steering {
@@ -124,14 +135,14 @@ impl Steering {
     }
 
     /// Forgets what was learnt for the current models, in memory and in the store.
-    pub fn reset_model(&mut self) -> Result<(), String> {
+    pub fn reset_model(&mut self) -> Result<(), SteeringError> {
         if let Some(g) = &mut self.governor {
             g.reset_model();
         }
-        match (&self.store, &self.vllm_model) {
-            (Some(s), Some(m)) => s.remove(&self.gpu_model, m).map(|_| ()).map_err(|e| e.to_string()),
-            _ => Ok(()),
+        if let (Some(s), Some(m)) = (&self.store, &self.vllm_model) {
+            s.remove(&self.gpu_model, m)?;
         }
+        Ok(())
     }
 
     /// Makes the governor start from nothing instead of its stored state (`--reset-model`).
@@ -139,7 +150,7 @@ impl Steering {
         self.reset_pending = true;
     }
 
-    fn forget_stored(&self, model: &str) -> Result<bool, governor::store::StoreError> {
+    fn forget_stored(&self, model: &str) -> Result<bool, StoreError> {
         match &self.store {
             Some(s) => s.remove(&self.gpu_model, model),
             None => Ok(false),
@@ -148,9 +159,9 @@ impl Steering {
 
     /// The current governor's state as export JSON (with the schema version). The client
     /// writes it to a file as itself: the root agent never writes where a client points it.
-    pub fn export(&self) -> Result<String, String> {
+    pub fn export(&self) -> Result<String, SteeringError> {
         let (Some(g), Some(model)) = (&self.governor, &self.vllm_model) else {
-            return Err("nothing learnt yet: the governor starts with the first vLLM window".into());
+            return Err(SteeringError::NothingLearnt);
         };
         let e = Export {
             schema_version: SCHEMA_VERSION,
@@ -158,17 +169,17 @@ impl Steering {
             vllm_model: model.clone(),
             state: g.state(),
         };
-        export_text(&e).map_err(|e| e.to_string())
+        Ok(export_text(&e)?)
     }
 
     /// Loads export JSON learnt on this GPU model and makes the governor continue from it.
-    pub fn import(&mut self, text: &str) -> Result<String, String> {
-        let e = parse_export(text, Path::new("the import")).map_err(|e| e.to_string())?;
+    pub fn import(&mut self, text: &str) -> Result<String, SteeringError> {
+        let e = parse_export(text, Path::new("the import"))?;
         if e.gpu_model != self.gpu_model {
-            return Err(format!("the import was learnt on {:?}, this agent runs {:?}", e.gpu_model, self.gpu_model));
+            return Err(SteeringError::OtherGpu { found: e.gpu_model, ours: self.gpu_model.clone() });
         }
         if let Some(store) = &self.store {
-            store.save(&e.gpu_model, &e.vllm_model, &e.state).map_err(|e| e.to_string())?;
+            store.save(&e.gpu_model, &e.vllm_model, &e.state)?;
         }
         if self.vllm_model.as_deref() == Some(e.vllm_model.as_str()) || self.vllm_model.is_none() {
             self.governor = Some(self.build(Some(e.state)));

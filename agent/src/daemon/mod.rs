@@ -41,14 +41,18 @@ pub enum DaemonError {
     MissingGpu { index: u32, count: usize },
     #[error("config field `policy.pin_mhz`: {mhz} MHz is not a supported SM clock of GPU {index} ({min}..{max} MHz in steps)")]
     BadPin { mhz: u32, index: u32, min: u32, max: u32 },
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Backend(#[from] crate::backends::BackendError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
-    #[error("cannot install signal handlers: {0}")]
-    Signals(std::io::Error),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
 }
 
 /// How the daemon was started.
@@ -136,7 +140,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Ok(c) => Some(c),
         // A second simulation on one laptop still runs, just without agentctl.
         Err(e) if opts.simulate => {
-            warn!(error = %e, "running without a control socket");
+            warn!(error = %crate::error_chain(&e), "running without a control socket");
             None
         }
         Err(e) => return Err(e.into()),
@@ -180,7 +184,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 let response = match call.request {
                     proto::Request::Reload => match reload(&mut agent, &opts, &mut ticker) {
                         Ok(msg) => proto::Response::Ok(msg),
-                        Err(msg) => proto::Response::Error { kind: proto::ErrorKind::Failed, message: msg },
+                        Err(e) => proto::Response::Error { kind: proto::ErrorKind::Failed, message: crate::error_chain(&e) },
                     },
                     request => agent.handle_control(request),
                 };
@@ -192,7 +196,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     sd.reloading();
                     match reload(&mut agent, &opts, &mut ticker) {
                         Ok(msg) => info!("{msg}"),
-                        Err(msg) => error!("{msg}"),
+                        Err(e) => error!("{}", crate::error_chain(&e)),
                     }
                     sd.ready("config reloaded");
                 }
@@ -212,12 +216,23 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no --config file to reload")]
+    NoConfigFile,
+    #[error("config reload failed; keeping the old config")]
+    Load(#[source] ConfigError),
+    #[error("config reload rejected; keeping the old config")]
+    Rejected(#[source] DaemonError),
+}
+
 /// Re-reads the config file (SIGHUP, `agentctl reload`). A bad file changes nothing.
-fn reload(agent: &mut Agent, opts: &Options, ticker: &mut tokio::time::Interval) -> Result<String, String> {
+fn reload(agent: &mut Agent, opts: &Options, ticker: &mut tokio::time::Interval) -> Result<String, ReloadError> {
     let Some(path) = &opts.config_path else {
-        return Err("no --config file to reload".into());
+        return Err(ReloadError::NoConfigFile);
     };
-    let mut new = Config::load(path).map_err(|e| format!("config reload failed; keeping the old config: {e}"))?;
+    let mut new = Config::load(path).map_err(ReloadError::Load)?;
     if opts.simulate {
         new.gpu = agent.cfg.gpu.clone();
         new.vllm.metrics_url = agent.cfg.vllm.metrics_url.clone();
@@ -236,7 +251,7 @@ fn reload(agent: &mut Agent, opts: &Options, ticker: &mut tokio::time::Interval)
     }
     let period_changed = new.agent.period_seconds != agent.cfg.agent.period_seconds;
     let period = new.agent.period_seconds;
-    agent.reconfigure(new).map_err(|e| format!("config reload rejected; keeping the old config: {e}"))?;
+    agent.reconfigure(new).map_err(ReloadError::Rejected)?;
     if period_changed {
         *ticker = tokio::time::interval(Duration::from_secs_f64(period));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -387,11 +402,11 @@ impl Agent {
             Err(e) => {
                 let failures = self.status_read().vllm_failures + 1;
                 if failures == 1 || failures % 30 == 0 {
-                    warn!(url = %self.cfg.vllm.metrics_url, error = %e, failures, "vLLM did not answer");
+                    warn!(url = %self.cfg.vllm.metrics_url, error = %crate::error_chain(&e), failures, "vLLM did not answer");
                 }
                 self.metrics.vllm_up.set(0);
                 self.metrics.vllm_scrape_errors.inc();
-                last_error = Some(e.to_string());
+                last_error = Some(crate::error_chain(&e));
                 failures
             }
         };

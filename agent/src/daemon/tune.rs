@@ -73,7 +73,7 @@ impl TuneService {
                 }
                 let cfg = match tuner::study_config(&req, &state_dir.join("tune"), self.in_process.clone()) {
                     Ok(c) => c,
-                    Err(e) => return err(ErrorKind::BadRequest, e.to_string()),
+                    Err(e) => return err(ErrorKind::BadRequest, crate::error_chain(&e)),
                 };
                 let progress = SharedProgress::default();
                 if let Ok(mut p) = progress.lock() {
@@ -90,12 +90,12 @@ impl TuneService {
                 let task = tokio::spawn(async move {
                     let result = run_study(cfg, shared.clone(), rx).await;
                     if let Err(e) = result {
-                        tracing::warn!(error = %e, "study ended");
+                        tracing::warn!(error = %crate::error_chain(&e), "study ended");
                         if let Ok(mut p) = shared.lock() {
                             p.state =
                                 if matches!(e, TuneError::Stopped) { StudyState::Stopped } else { StudyState::Failed };
                             p.running = 0;
-                            p.message = Some(e.to_string());
+                            p.message = Some(crate::error_chain(&e));
                         }
                     }
                 });

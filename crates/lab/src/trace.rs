@@ -10,9 +10,9 @@ use loadgen::schedule::{Schedule, ScheduleError};
 /// A trace that could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("cannot read trace {path}: {source}")]
+    #[error("cannot read trace {path}")]
     Read { path: String, source: std::io::Error },
-    #[error("trace {path}: {source}")]
+    #[error("trace {path}")]
     Parse { path: String, source: ScheduleError },
 }
 
@@ -81,7 +81,8 @@ mod tests {
     fn errors_name_the_line_and_column() {
         let e = Trace::from_csv("t", "seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens\n10,2,abc,5\n")
             .expect_err("bad number");
-        let msg = e.to_string();
+        let cause = std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default();
+        let msg = format!("{e}: {cause}");
         assert!(msg.contains("line 2") && msg.contains("mean_prompt_tokens"), "{msg}");
         let t = Trace::from_csv(
             "t",

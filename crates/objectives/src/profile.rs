@@ -13,9 +13,9 @@ pub const PROFILE_SCHEMA: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error("cannot read capacity profile {path}: {source}")]
+    #[error("cannot read capacity profile {path}")]
     Read { path: String, source: std::io::Error },
-    #[error("cannot write capacity profile {path}: {source}")]
+    #[error("cannot write capacity profile {path}")]
     Write { path: String, source: std::io::Error },
     #[error("capacity profile {path}: {message}")]
     Invalid { path: String, message: String },

@@ -531,9 +531,9 @@ fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, ProtoError> {
 /// Why the client could not talk to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent at {path}: {source}")]
+    #[error("cannot reach the agent at {path}")]
     Unreachable { path: PathBuf, source: std::io::Error },
-    #[error("agent at {path}: {source}")]
+    #[error("agent at {path}")]
     Protocol { path: PathBuf, source: ProtoError },
     #[error("agent at {path}: {message}")]
     Refused { path: PathBuf, message: String },

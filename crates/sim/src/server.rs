@@ -53,9 +53,9 @@ const FILLER: [&str; 8] = [" the", " quick", " brown", " fox", " jumps", " over"
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("{0}")]
+    #[error(transparent)]
     Engine(#[from] SimError),
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 

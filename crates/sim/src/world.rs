@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::engine::EngineConfig;
 use crate::gpu::SimGpu;
-use crate::server::SimServer;
+use crate::server::{ServerError, SimServer};
 use gpu::GpuBackend;
 use loadgen::Schedule;
 
@@ -21,13 +21,11 @@ pub struct Simulation {
 
 impl Simulation {
     /// Starts the simulated vLLM with `gpus` tensor-parallel GPUs and loops the demo load.
-    pub async fn start(gpus: usize) -> Result<Simulation, String> {
+    pub async fn start(gpus: usize) -> Result<Simulation, ServerError> {
         let gpu = Arc::new(SimGpu::h100(gpus.max(1) as u32));
         let cfg = EngineConfig::default();
         let model = cfg.model_name.clone();
-        let server = SimServer::start(cfg, gpu.clone(), SocketAddr::from(([127, 0, 0, 1], 0)))
-            .await
-            .map_err(|e| e.to_string())?;
+        let server = SimServer::start(cfg, gpu.clone(), SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let base = format!("http://{}", server.local_addr());
         let load = tokio::spawn(async move {
             let schedule = Schedule::demo();

@@ -11,7 +11,7 @@ use loadgen::Slo;
 /// A space file that cannot be used. The message names the field.
 #[derive(Debug, thiserror::Error)]
 pub enum SpaceError {
-    #[error("cannot read search space {path}: {source}")]
+    #[error("cannot read search space {path}")]
     Read { path: String, source: std::io::Error },
     #[error("search space {path}: {message}")]
     Invalid { path: String, message: String },

@@ -28,7 +28,7 @@ use objectives::profile::{CapacityBucket, CapacityProfile, ProfileLimits, PROFIL
 pub enum TuneError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("study directory {path}: {source}")]
+    #[error("study directory {path}")]
     Dir { path: String, source: std::io::Error },
     #[error("no --gpu-memory-utilization from {start} down to {min} starts the server; last failure: {last}")]
     NoMemory { start: f64, min: f64, last: String },

@@ -36,7 +36,7 @@ pub enum ScrapeError {
     TooLarge { url: String, limit: usize },
     #[error("scraping {url}: body is not UTF-8 (byte {offset})")]
     NotUtf8 { url: String, offset: usize },
-    #[error("scraping {url}: {source}")]
+    #[error("scraping {url}")]
     Parse { url: String, source: ParseError },
     #[error("scraping {url}: no vllm: metrics in the response (is this vLLM's /metrics?)")]
     NotVllm { url: String },

@@ -192,8 +192,8 @@ async fn main() -> ExitCode {
             eprintln!("{}", value_error(&e.to_string()));
             return ExitCode::from(1);
         }
-        Err(e) => {
-            eprintln!("OSError: {e}");
+        Err(ServerError::Bind { addr, source }) => {
+            eprintln!("OSError: cannot bind {addr}: {source}");
             return ExitCode::from(1);
         }
     };
