@@ -94,6 +94,10 @@ struct TuneArgs {
     /// Print the result summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Print the study's progress as one JSON line per change instead of a summary (how the
+    /// daemon runs `agentctl tune start` studies and follows them).
+    #[arg(long, hide = true)]
+    progress_json: bool,
 }
 
 #[derive(Args)]
@@ -333,7 +337,10 @@ async fn tune(args: TuneArgs) -> ExitCode {
     }
     let progress = tuner::study::SharedProgress::default();
     let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
-    let study = tokio::spawn(tuner::run_study(cfg, progress, cancel_rx));
+    let study = tokio::spawn(tuner::run_study(cfg, progress.clone(), cancel_rx));
+    if args.progress_json {
+        return follow_study(study, progress, cancel_tx).await;
+    }
     tokio::spawn(async move {
         wait_for_stop_signal().await;
         tracing::warn!("stopping the study: stopping its servers");
@@ -363,6 +370,64 @@ async fn tune(args: TuneArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `tune --progress-json`: the study's progress as a JSON line whenever it changes, and a
+/// last line that says how it ended; the exit code as without the flag.
+async fn follow_study(
+    mut study: tokio::task::JoinHandle<Result<tuner::report::StudySummary, tuner::TuneError>>,
+    progress: tuner::study::SharedProgress,
+    cancel: tokio::sync::watch::Sender<bool>,
+) -> ExitCode {
+    let snapshot = || progress.lock().map(|p| p.clone()).unwrap_or_default();
+    let print = |p: &proto::TuneProgress| {
+        let mut out = std::io::stdout().lock();
+        let _ = serde_json::to_writer(&mut out, p);
+        let _ = writeln!(out);
+        let _ = out.flush();
+    };
+    tokio::spawn(async move {
+        wait_for_stop_signal().await;
+        tracing::warn!("stopping the study: stopping its servers");
+        let _ = cancel.send(true);
+    });
+    let mut last = snapshot();
+    print(&last);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let result = loop {
+        tokio::select! {
+            r = &mut study => break r,
+            _ = tick.tick() => {
+                let now = snapshot();
+                if now != last {
+                    print(&now);
+                    last = now;
+                }
+            }
+        }
+    };
+    let mut end = snapshot();
+    end.running = 0;
+    let code = match result {
+        Ok(Ok(_)) => ExitCode::SUCCESS,
+        Ok(Err(tuner::TuneError::Stopped)) => {
+            end.state = proto::StudyState::Stopped;
+            end.message = Some("stopped; servers stopped; start it again to resume".into());
+            ExitCode::from(130)
+        }
+        Ok(Err(e)) => {
+            end.state = proto::StudyState::Failed;
+            end.message = Some(gpu_agent::error_chain(&e));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            end.state = proto::StudyState::Failed;
+            end.message = Some(format!("the study task failed: {e}"));
+            ExitCode::from(1)
+        }
+    };
+    print(&end);
+    code
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -328,6 +328,21 @@ fn a_study_resumes_with_its_finished_trials_and_bad_input_is_named() {
     assert!(err.contains("/nonexistent/vllm"), "{err}");
 }
 
+/// Children of `parent` running `gpu-agent tune --progress-json` (the daemon's study process).
+fn study_processes(parent: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // pid (comm) state ppid ...: the comm may hold spaces, so read after its ')'.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            ppid == Some(parent) && cmd.contains(" tune --progress-json")
+        })
+        .collect()
+}
+
 #[test]
 fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -409,6 +424,9 @@ fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
     wait_for(Duration::from_secs(20), "a few trials", || {
         (progress(ctl(&["tune", "status", "--json"]))["trials_done"].as_u64() >= Some(3)).then_some(())
     });
+    // The study runs in a process of its own, a child of the agent.
+    let children = study_processes(agent.pid());
+    assert_eq!(children.len(), 1, "one study process: {children:?}");
     // Results so far are there mid-study.
     let mid: serde_json::Value =
         serde_json::from_slice(&ctl(&["tune", "results"]).stdout).expect("result.json mid-study");
@@ -423,6 +441,9 @@ fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
     });
     let done = stopped["trials_done"].as_u64().expect("done");
     assert!(done < 120, "{stopped}");
+    wait_for(Duration::from_secs(10), "the study process to exit", || {
+        study_processes(agent.pid()).is_empty().then_some(())
+    });
     let o = ctl(&["tune", "start", "--space", long.to_str().expect("path"), "--launch", "sim", "--json"]);
     assert_eq!(o.status.code(), Some(0));
     wait_for(Duration::from_secs(20), "the resumed study to run more trials", || {
@@ -431,6 +452,9 @@ fn agentctl_tune_runs_a_study_in_the_daemon_while_it_keeps_cycling() {
     assert_eq!(ctl(&["tune", "stop"]).status.code(), Some(0));
     wait_for(Duration::from_secs(20), "the study to stop", || {
         (progress(ctl(&["tune", "status", "--json"]))["state"] == "stopped").then_some(())
+    });
+    wait_for(Duration::from_secs(10), "the study process to exit", || {
+        study_processes(agent.pid()).is_empty().then_some(())
     });
     // The resumed study kept the first run's trials: one baseline, no point tried twice.
     let r: serde_json::Value = serde_json::from_slice(&ctl(&["tune", "results"]).stdout).expect("result.json");

@@ -330,7 +330,7 @@ impl Agent {
             gpu,
             metrics,
             status: Arc::new(RwLock::new(status)),
-            tuner: tune::TuneService::new(backends::in_process_servers()),
+            tuner: tune::TuneService::new(study_program(), backends::in_process_servers()),
             cfg,
         })
     }
@@ -610,6 +610,11 @@ fn summarise(w: Option<&Window>, samples: &[GpuSample], clock: ClockTarget) {
         ClockTarget::Locked(m) => format!("locked {m} MHz"),
     };
     info!("vLLM: {vllm} | GPU: {} | clock {clock}", gpus.join(", "));
+}
+
+/// The program that runs a study: this very binary (its `tune` subcommand).
+fn study_program() -> PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("gpu-agent"))
 }
 
 fn clock_policy(cfg: &Config) -> ClockPolicy {
