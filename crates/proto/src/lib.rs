@@ -5,12 +5,15 @@
 //! [`Welcome`] or an error when the protocol versions differ; then requests and responses
 //! alternate.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
+
+mod client;
+mod frame;
+
+pub use client::{Client, ClientError};
+pub use frame::{decode_body, encode_frame, frame_len, ProtoError};
 
 /// 2: structured `tune` requests and answers, `advice` answers, model export/import by content.
 /// 3: states are enums (study state and phase, clock policy, governor phase, capacity limit).
@@ -463,151 +466,12 @@ pub struct AdviceReport {
     pub reason: String,
 }
 
-/// Framing and decoding problems.
-#[derive(Debug, thiserror::Error)]
-pub enum ProtoError {
-    #[error("connection closed")]
-    Closed,
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
-    #[error("undecodable frame: {0}")]
-    Decode(String),
-    #[error("cannot encode frame: {0}")]
-    Encode(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
-
-fn config() -> bincode::config::Configuration<
-    bincode::config::BigEndian,
-    bincode::config::Varint,
-    bincode::config::Limit<MAX_FRAME>,
-> {
-    bincode::config::standard().with_big_endian().with_limit::<MAX_FRAME>()
-}
-
-/// Encodes a value as one frame (length prefix included).
-pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtoError> {
-    let body = bincode::serde::encode_to_vec(value, config()).map_err(|e| ProtoError::Encode(e.to_string()))?;
-    if body.len() > MAX_FRAME {
-        return Err(ProtoError::TooLarge(body.len()));
-    }
-    let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
-}
-
-/// Decodes a frame body; trailing bytes are an error (a frame holds exactly one value).
-pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ProtoError> {
-    let (value, used) =
-        bincode::serde::decode_from_slice(body, config()).map_err(|e| ProtoError::Decode(e.to_string()))?;
-    if used != body.len() {
-        return Err(ProtoError::Decode(format!("{} trailing bytes after the value", body.len() - used)));
-    }
-    Ok(value)
-}
-
-/// Reads a frame's length prefix and checks it against the limit.
-pub fn frame_len(prefix: [u8; 4]) -> Result<usize, ProtoError> {
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
-        return Err(ProtoError::TooLarge(len));
-    }
-    Ok(len)
-}
-
-fn read_frame<T: DeserializeOwned>(r: &mut impl Read) -> Result<T, ProtoError> {
-    let mut prefix = [0u8; 4];
-    r.read_exact(&mut prefix).map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => ProtoError::Closed,
-        _ => ProtoError::Io(e),
-    })?;
-    let mut body = vec![0u8; frame_len(prefix)?];
-    r.read_exact(&mut body)?;
-    decode_body(&body)
-}
-
-/// Why the client could not talk to the agent.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot reach the agent at {path}")]
-    Unreachable { path: PathBuf, source: std::io::Error },
-    #[error("agent at {path}")]
-    Protocol { path: PathBuf, source: ProtoError },
-    #[error("agent at {path}: {message}")]
-    Refused { path: PathBuf, message: String },
-    #[error("agent at {path} speaks protocol {theirs}, agentctl speaks {ours}: {message}")]
-    Version { path: PathBuf, ours: u32, theirs: u32, message: String },
-}
-
-/// A connection to the agent's control socket.
-#[derive(Debug)]
-pub struct Client {
-    stream: UnixStream,
-    path: PathBuf,
-    pub agent_version: String,
-}
-
-impl Client {
-    /// Connects and says hello.
-    pub fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream =
-            UnixStream::connect(path).map_err(|source| ClientError::Unreachable { path: path.to_owned(), source })?;
-        let timeout = Some(Duration::from_secs(30));
-        let _ = stream.set_read_timeout(timeout);
-        let _ = stream.set_write_timeout(timeout);
-        let mut c = Client { stream, path: path.to_owned(), agent_version: String::new() };
-        let hello = Hello { version: PROTOCOL_VERSION, client: format!("agentctl {}", env!("CARGO_PKG_VERSION")) };
-        c.send(&hello)?;
-        match c.receive::<Result<Welcome, Response>>()? {
-            Ok(w) => c.agent_version = w.agent_version,
-            Err(Response::Error { kind: ErrorKind::Version, message }) => {
-                return Err(ClientError::Version {
-                    path: path.to_owned(),
-                    ours: PROTOCOL_VERSION,
-                    theirs: parse_theirs(&message),
-                    message,
-                })
-            }
-            // Refused, or turned away (busy): the agent's message says which.
-            Err(Response::Error { message, .. }) => {
-                return Err(ClientError::Refused { path: path.to_owned(), message })
-            }
-            Err(other) => {
-                return Err(ClientError::Protocol {
-                    path: path.to_owned(),
-                    source: ProtoError::Decode(format!("unexpected hello answer {other:?}")),
-                })
-            }
-        }
-        Ok(c)
-    }
-
-    fn send<T: Serialize>(&mut self, v: &T) -> Result<(), ClientError> {
-        let frame = encode_frame(v).map_err(|source| ClientError::Protocol { path: self.path.clone(), source })?;
-        self.stream.write_all(&frame).map_err(|e| ClientError::Protocol { path: self.path.clone(), source: e.into() })
-    }
-
-    fn receive<T: DeserializeOwned>(&mut self) -> Result<T, ClientError> {
-        read_frame(&mut self.stream).map_err(|source| ClientError::Protocol { path: self.path.clone(), source })
-    }
-
-    /// One request, one response.
-    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
-        self.send(req)?;
-        self.receive()
-    }
-}
-
-/// The agent's version from its refusal ("... this agent speaks N"): the last number in it
-/// (the first one is ours, echoed back).
-fn parse_theirs(message: &str) -> u32 {
-    message.rsplit(|c: char| !c.is_ascii_digit()).find_map(|t| t.parse().ok()).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+    use std::path::Path;
+
+    use super::frame::read_frame;
     use super::*;
 
     #[test]
