@@ -38,7 +38,7 @@ pub use config::GovernorConfig;
 pub use decide::{Decision, Observation};
 pub use learn::load_weight;
 pub use mode::{ClockTarget, Mode, ModeError, Phase};
-pub use state::{ArmState, GovernorState};
+pub use state::{ArmState, GovernorState, RestoreError};
 
 use tracing::info;
 
@@ -123,7 +123,8 @@ impl Governor {
         governor.arms = governor.coarse_arms();
         if let Some(state) = restored {
             if let Err(why) = governor.restore(state) {
-                info!(%why, "stored governor state does not fit this GPU; starting fresh");
+                let cause = std::error::Error::source(&why).map(ToString::to_string);
+                info!(%why, cause, "stored governor state does not fit this GPU; starting fresh");
                 governor.reset_model();
             }
         }
