@@ -349,3 +349,112 @@ fn leaves_the_idle_clock_at_once_when_work_arrives() {
     let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied: park.target });
     assert_ne!(d.target, park.target, "busy again, still parked at {:?}", park.target);
 }
+
+/// The search stage as a word, to follow it through a run.
+fn search_of(g: &Governor) -> &'static str {
+    match g.stage.search() {
+        stage::Search::Sweeping { .. } => "sweeping",
+        stage::Search::Learning { .. } => "learning",
+        stage::Search::Exploiting { .. } => "exploiting",
+    }
+}
+
+#[test]
+fn the_search_sweeps_then_learns_then_exploits() {
+    let cfg = GovernorConfig { mode: Mode::Edp, ..GovernorConfig::default() };
+    let mut g = Governor::new(cfg, &h100_clocks(), None);
+    let mut env = Synthetic::new(1);
+    let mut applied = ClockTarget::Default;
+    let mut seen: Vec<&str> = Vec::new();
+    for _ in 0..120 {
+        let (w, e) = env.window(applied);
+        let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied });
+        applied = d.target;
+        assert_eq!(d.converged, g.stage.converged());
+        if d.phase == Phase::Exploit {
+            assert_eq!(search_of(&g), "exploiting", "exploits only once converged");
+        }
+        if seen.last() != Some(&search_of(&g)) {
+            seen.push(search_of(&g));
+        }
+    }
+    assert_eq!(seen, ["sweeping", "learning", "exploiting"]);
+}
+
+#[test]
+fn a_violation_enters_fallback_for_its_windows_and_leaves_it() {
+    let cfg = GovernorConfig::default();
+    let hold = cfg.fallback_windows;
+    let mut g = Governor::new(cfg, &h100_clocks(), None);
+    let mut env = Synthetic::new(3);
+    run(&mut g, &mut env, 30);
+    let before = search_of(&g);
+    let (mut w, e) = env.window(ClockTarget::Locked(1200));
+    w.ttft = Some(Latency { count: 10.0, mean: Some(2.0), p50: None, p90: None, p99: None });
+    let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied: ClockTarget::Locked(1200) });
+    assert_eq!((d.phase, d.target), (Phase::Fallback, ClockTarget::Locked(1980)));
+    assert!(matches!(g.stage, Stage::Fallback { windows_left, .. } if windows_left == hold));
+    // An idle window does not count towards the fallback.
+    let idle = context::tests::window(0.0, 0.0, 0.0, 0.0);
+    let d = g.decide(&Observation { window: &idle, energy_j: 70.0, seconds: 1.0, applied: ClockTarget::Locked(1980) });
+    assert_eq!(d.phase, Phase::Idle);
+    assert!(matches!(g.stage, Stage::Fallback { windows_left, .. } if windows_left == hold));
+    let mut applied = ClockTarget::Locked(1980);
+    for _ in 0..hold {
+        let (w, e) = env.window(applied);
+        let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied });
+        assert_eq!((d.phase, d.target), (Phase::Fallback, ClockTarget::Locked(1980)), "held at the maximum");
+        applied = d.target;
+    }
+    assert!(matches!(g.stage, Stage::Searching(_)), "left after {hold} busy windows");
+    assert_eq!(search_of(&g), before, "the search resumes where it was");
+    let (w, e) = env.window(applied);
+    let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied });
+    assert_ne!(d.phase, Phase::Fallback);
+    // Banned: the violating clock and those below it are not chosen for a while.
+    assert!(locked(d.target) > 1200, "chose {:?}", d.target);
+}
+
+#[test]
+fn a_converged_governor_leaves_exploitation_when_the_workload_shifts() {
+    // No re-sweep on load: the workload features' drift (or the EDP rise) must do it.
+    let cfg = GovernorConfig { mode: Mode::Edp, resweep_load_factor: 0.0, ..GovernorConfig::default() };
+    let mut g = Governor::new(cfg, &h100_clocks(), None);
+    let mut env = Synthetic::new(9);
+    run(&mut g, &mut env, 80);
+    assert_eq!(search_of(&g), "exploiting");
+    env.tokens_per_s = 200.0;
+    let mut applied = ClockTarget::Locked(g.stage.refine_center().expect("converged on a clock"));
+    let mut left = None;
+    for i in 0..20 {
+        let (w, e) = env.window(applied);
+        let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied });
+        applied = d.target;
+        if search_of(&g) != "exploiting" {
+            assert!(!d.converged && d.phase == Phase::Explore, "{d:?}");
+            left = Some(i);
+            break;
+        }
+    }
+    assert!(left.is_some(), "still exploiting after the shift");
+    assert_eq!(search_of(&g), "learning", "relearns without sweeping again");
+    // And settles again under the new workload.
+    let ds = run(&mut g, &mut env, 100);
+    assert!(ds[80..].iter().all(|d| d.converged && search_of(&g) == "exploiting"));
+}
+
+#[test]
+fn an_idle_window_parks_and_the_next_busy_one_leaves_at_once() {
+    // Mode edp: at the idle clock the synthetic TPOT breaks the default SLO, which would fall back.
+    let cfg = GovernorConfig { mode: Mode::Edp, ..GovernorConfig::default() };
+    let mut g = Governor::new(cfg, &h100_clocks(), None);
+    let mut env = Synthetic::new(5);
+    let busy = run(&mut g, &mut env, 8);
+    let idle = context::tests::window(0.0, 0.0, 0.0, 0.0);
+    let park = g.decide(&Observation { window: &idle, energy_j: 70.0, seconds: 1.0, applied: busy[7].target });
+    assert!(matches!(g.stage, Stage::Parked { .. }), "{:?}", g.stage);
+    let (w, e) = env.window(park.target);
+    let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied: park.target });
+    assert!(matches!(g.stage, Stage::Searching(_)), "{:?}", g.stage);
+    assert_ne!(d.target, park.target, "not held by the rate limit");
+}
