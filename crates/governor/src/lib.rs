@@ -8,10 +8,10 @@
 //!    context it was chosen in (what the shared model gets wrong for that clock);
 //! 2. in mode `slo` an SLO violation jumps to the maximum clock at once and bans the violating
 //!    clock and those below it for a while;
-//! 3. otherwise the next clock is chosen as the [`stage`] says: a sweep of a coarse grid, then
-//!    LinUCB with decaying exploration, fine arms around the best first, until the choices
-//!    settle and the governor exploits; a shifted workload, rising EDP or a load far from the
-//!    sweep's sends it back to learning or sweeping.
+//! 3. otherwise the next clock is chosen as the stage (`stage.rs`) says: a sweep of a coarse
+//!    grid, then LinUCB with decaying exploration, fine arms around the best first, until the
+//!    choices settle and the governor exploits; a shifted workload, rising EDP or a load far
+//!    from the sweep's sends it back to learning or sweeping.
 //!
 //! Hopeless clocks are pruned on what the models expect of them for a typical window, never on
 //! raw means (those mix whatever loads each clock met). `docs/governor.md` tells how the design
