@@ -1,10 +1,8 @@
 //! The context a clock decision is made in: features of the last vLLM window, normalised
 //! online, plus a bias term.
 //!
-//! GPU power and utilisation are deliberately NOT features: both are consequences of the clock
-//! being chosen (a lower clock raises utilisation and lowers power), so as context they would
-//! tell every arm's model about the previous arm instead of about the workload. Power enters
-//! through the reward (energy) instead.
+//! GPU power and utilisation are not features: both follow from the clock chosen, so they
+//! would describe the previous arm rather than the workload. Power enters through the reward.
 
 use nalgebra::DVector;
 use serde::{Deserialize, Serialize};

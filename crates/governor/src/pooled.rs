@@ -1,21 +1,15 @@
 //! Features of the reward model shared by all clock arms.
 //!
-//! One window's EDP per token moves far more with the load (a batch of 40 costs a third per
-//! token of a batch of 8) than with the clock (25% between the best clock and the maximum on a
-//! decode load). Judging clocks by their raw rewards therefore judges the load they happened
-//! to meet. The shared model regresses the reward on the load AND a smooth curve in the clock
-//! together, over every window of every arm, so the clock's effect is estimated with the load
-//! held fixed; two clocks compared in the same context differ only by the clock terms.
+//! A window's EDP per token moves far more with the load than with the clock, so raw rewards
+//! judge the load a clock happened to meet. The shared model regresses the reward on the load
+//! and a smooth curve in the clock together, over every window of every arm: two clocks
+//! compared in one context differ only by the clock terms.
 //!
-//! The load is that of the window being learnt from (what explains its reward), as logs of
-//! the token rates, their squares and product, and the prefill share: EDP falls with the load
-//! along a curve (idle power spread over more tokens), and a line through it leaves a misfit
-//! larger than the clock's own effect, which a load ramp during a sweep would then pass to the
-//! clock terms. The load features are the raw (log-compressed) window features, not the online z-scores:
-//! a z-score's meaning drifts with the normaliser, which would corrupt a model that
-//! accumulates every window. The curve is a cubic in the clock; its first two terms also vary
-//! with the prefill share and the batch size, because compute-bound prefill wants a higher
-//! clock than memory-bound decode and a big batch a different one than a trickle.
+//! The load is the learnt window's own (what explains its reward): logs of the token rates,
+//! their squares and product (EDP falls with the load along a curve), and the prefill share.
+//! They are raw (log-compressed) features, not z-scores, whose meaning drifts with the
+//! normaliser. The clock curve is a cubic whose first two terms also vary with the prefill
+//! share, as compute-bound prefill wants a higher clock than memory-bound decode.
 
 use nalgebra::DVector;
 

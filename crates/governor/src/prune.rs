@@ -139,9 +139,8 @@ pub fn prune(arms: &mut [ArmStats], rules: &PruneRules, round: u64, protect: &[u
 }
 
 /// The governor's historical rule: clocks compared by the reward the models expect of each in
-/// one context (`expected`, one per arm). A clock's raw mean EDP mixes whatever loads it
-/// happened to meet, so the raw rule drops the clock that served the daily peak for the one
-/// tried at night; the models hold the load fixed. An arm tried at least `min_tries` times
+/// one context (`expected`, one per arm), with the load held fixed (a clock's raw mean EDP
+/// mixes whatever loads it happened to meet). An arm tried at least `min_tries` times
 /// whose expected reward trails the best tried arm's by more than `gap` (log EDP: 0.15 is 16%
 /// worse) is dropped.
 pub fn prune_by_expectation(

@@ -48,12 +48,11 @@ impl Outcome {
     }
 
     /// Mean power x mean TPOT (W*s): what the governor learns from. EDP per token is
-    /// `power / token rate x TPOT`, and on a server that keeps up the token rate over a window
-    /// is what the clients sent, whatever the clock: dividing by the window's own token count
-    /// only adds its Poisson noise (at a fixed clock on a steady decode load the log of EDP per
-    /// token spreads 0.20 from window to window, this 0.04). The load enters the reward model
-    /// as features instead, and a clock too slow to keep up shows in TTFT (the SLO checks).
-    /// None for a window that served nothing.
+    /// `power / token rate x TPOT`, and on a server that keeps up the token rate is what the
+    /// clients sent, whatever the clock: dividing by the window's own token count only adds
+    /// its Poisson noise. The load enters the reward model as features instead, and a clock
+    /// too slow to keep up shows in TTFT (the SLO checks). None for a window that served
+    /// nothing.
     pub fn power_delay(&self) -> Option<f64> {
         let served = self.tokens + self.prompt_tokens > 0.0;
         let v = self.energy_j / self.seconds * self.tpot_s?;

@@ -3,9 +3,10 @@
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use vllm_metrics::Latency;
+use crate::reward::Slo;
+use vllm_metrics::{Latency, Window};
 
-fn h100_clocks() -> Vec<u32> {
+pub(crate) fn h100_clocks() -> Vec<u32> {
     (0..110).map(|i| 345 + 15 * i).collect()
 }
 
@@ -87,17 +88,6 @@ fn locked(t: ClockTarget) -> u32 {
 }
 
 #[test]
-fn coarse_grid_spans_a_sensible_range_of_supported_clocks() {
-    let g = Governor::new(GovernorConfig::default(), &h100_clocks(), None);
-    let arms = g.arms_mhz();
-    assert_eq!(arms.last(), Some(&1980));
-    assert_eq!(arms.first(), Some(&900), "45% of 1980 = 891, snapped up to a supported clock");
-    assert!(arms.windows(2).all(|w| w[1] - w[0] == 90));
-    let clocks = h100_clocks();
-    assert!(arms.iter().all(|a| clocks.contains(a)));
-}
-
-#[test]
 fn converges_near_the_best_edp_clock_within_60_decisions() {
     let cfg = GovernorConfig { mode: Mode::Edp, ..GovernorConfig::default() };
     let mut g = Governor::new(cfg, &h100_clocks(), None);
@@ -118,19 +108,6 @@ fn converges_near_the_best_edp_clock_within_60_decisions() {
     let edp_settled = Synthetic::edp(locked(ds[149].target), 1.0);
     assert!(edp_settled < edp_best * 1.02, "{edp_settled} vs {edp_best}");
     assert!(ds[120..].iter().all(|d| d.phase == Phase::Exploit));
-}
-
-#[test]
-fn sweep_goes_down_every_other_clock_then_back_up() {
-    let coarse = [900, 990, 1080, 1170, 1260, 1350, 1440];
-    assert_eq!(sweep_order(&coarse), vec![1440, 1260, 1080, 900, 990, 1170, 1350]);
-    assert_eq!(sweep_order(&[1980]), vec![1980]);
-    let g = Governor::new(GovernorConfig::default(), &h100_clocks(), None);
-    let order = sweep_order(&g.arms_mhz());
-    assert_eq!(order[0], 1980, "starts at the safe maximum");
-    let mut sorted = order.clone();
-    sorted.sort_unstable();
-    assert_eq!(sorted, g.arms_mhz(), "every coarse clock once");
 }
 
 #[test]
@@ -269,17 +246,6 @@ fn relearns_when_the_workload_shifts() {
     assert!(ds.iter().any(|d| !d.converged), "a 10x drop in load restarts learning");
 }
 
-#[test]
-fn modes_parse_from_strings() {
-    assert_eq!("slo".parse::<Mode>(), Ok(Mode::Slo));
-    assert_eq!("edp".parse::<Mode>(), Ok(Mode::Edp));
-    assert_eq!("observe".parse::<Mode>(), Ok(Mode::Observe));
-    assert_eq!("pinned:1200".parse::<Mode>(), Ok(Mode::Pinned(1200)));
-    let e = "pinned:fast".parse::<Mode>().expect_err("bad");
-    assert!(e.to_string().contains("pinned:fast"));
-    assert_eq!(Mode::Pinned(990).to_string(), "pinned:990");
-}
-
 /// Time per decision (context, update, choice) on the synthetic load; run with
 /// `cargo test --release -p gpu-agent --lib decide_timing -- --ignored --nocapture`.
 #[test]
@@ -303,15 +269,6 @@ fn decide_timing() {
         times[1000], times[1980], times[1999]
     );
     assert!(mean < 50.0);
-}
-
-#[test]
-fn busier_windows_weigh_more_within_bounds() {
-    assert!(load_weight(4000.0) > load_weight(1000.0));
-    assert!((load_weight(4000.0) / load_weight(1000.0) - 2.0).abs() < 1e-12, "square root of the load");
-    assert_eq!(load_weight(0.0), load_weight(1.0), "a trickle keeps a floor weight");
-    assert_eq!(load_weight(1e9), load_weight(1e7), "a flood is capped");
-    assert_eq!(load_weight(f64::NAN), 1.0);
 }
 
 /// Runs 120 windows at 500 tokens/s (a night), then 200 at 4000 (the day); returns the clocks
@@ -360,11 +317,11 @@ fn sweeps_again_around_the_converged_clock_when_the_load_falls_far() {
     // The load falls to an eighth; its slow average crosses half the sweep's within ~40 windows.
     let before: Vec<u64> = g.arms.iter().map(|a| a.stats.tries).collect();
     let mut windows = 0;
-    while g.sweep_done && windows < 200 {
+    while g.stage.sweep_done() && windows < 200 {
         g.track_load(500.0);
         windows += 1;
     }
-    assert!(!g.sweep_done && !g.converged, "sweeping again after {windows} quiet windows");
+    assert!(!g.stage.sweep_done() && !g.stage.converged(), "sweeping again after {windows} quiet windows");
     // Coarse clocks near the converged one are measured afresh; the far ones keep theirs.
     for (a, tries) in g.arms.iter().zip(before).filter(|(a, _)| a.coarse) {
         let near = a.mhz().abs_diff(center) <= cfg.resweep_span_mhz;
@@ -391,4 +348,113 @@ fn leaves_the_idle_clock_at_once_when_work_arrives() {
     let (w, e) = env.window(park.target);
     let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied: park.target });
     assert_ne!(d.target, park.target, "busy again, still parked at {:?}", park.target);
+}
+
+/// The search stage as a word, to follow it through a run.
+fn search_of(g: &Governor) -> &'static str {
+    match g.stage.search() {
+        stage::Search::Sweeping { .. } => "sweeping",
+        stage::Search::Learning { .. } => "learning",
+        stage::Search::Exploiting { .. } => "exploiting",
+    }
+}
+
+#[test]
+fn the_search_sweeps_then_learns_then_exploits() {
+    let cfg = GovernorConfig { mode: Mode::Edp, ..GovernorConfig::default() };
+    let mut g = Governor::new(cfg, &h100_clocks(), None);
+    let mut env = Synthetic::new(1);
+    let mut applied = ClockTarget::Default;
+    let mut seen: Vec<&str> = Vec::new();
+    for _ in 0..120 {
+        let (w, e) = env.window(applied);
+        let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied });
+        applied = d.target;
+        assert_eq!(d.converged, g.stage.converged());
+        if d.phase == Phase::Exploit {
+            assert_eq!(search_of(&g), "exploiting", "exploits only once converged");
+        }
+        if seen.last() != Some(&search_of(&g)) {
+            seen.push(search_of(&g));
+        }
+    }
+    assert_eq!(seen, ["sweeping", "learning", "exploiting"]);
+}
+
+#[test]
+fn a_violation_enters_fallback_for_its_windows_and_leaves_it() {
+    let cfg = GovernorConfig::default();
+    let hold = cfg.fallback_windows;
+    let mut g = Governor::new(cfg, &h100_clocks(), None);
+    let mut env = Synthetic::new(3);
+    run(&mut g, &mut env, 30);
+    let before = search_of(&g);
+    let (mut w, e) = env.window(ClockTarget::Locked(1200));
+    w.ttft = Some(Latency { count: 10.0, mean: Some(2.0), p50: None, p90: None, p99: None });
+    let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied: ClockTarget::Locked(1200) });
+    assert_eq!((d.phase, d.target), (Phase::Fallback, ClockTarget::Locked(1980)));
+    assert!(matches!(g.stage, Stage::Fallback { windows_left, .. } if windows_left == hold));
+    // An idle window does not count towards the fallback.
+    let idle = context::tests::window(0.0, 0.0, 0.0, 0.0);
+    let d = g.decide(&Observation { window: &idle, energy_j: 70.0, seconds: 1.0, applied: ClockTarget::Locked(1980) });
+    assert_eq!(d.phase, Phase::Idle);
+    assert!(matches!(g.stage, Stage::Fallback { windows_left, .. } if windows_left == hold));
+    let mut applied = ClockTarget::Locked(1980);
+    for _ in 0..hold {
+        let (w, e) = env.window(applied);
+        let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied });
+        assert_eq!((d.phase, d.target), (Phase::Fallback, ClockTarget::Locked(1980)), "held at the maximum");
+        applied = d.target;
+    }
+    assert!(matches!(g.stage, Stage::Searching(_)), "left after {hold} busy windows");
+    assert_eq!(search_of(&g), before, "the search resumes where it was");
+    let (w, e) = env.window(applied);
+    let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied });
+    assert_ne!(d.phase, Phase::Fallback);
+    // Banned: the violating clock and those below it are not chosen for a while.
+    assert!(locked(d.target) > 1200, "chose {:?}", d.target);
+}
+
+#[test]
+fn a_converged_governor_leaves_exploitation_when_the_workload_shifts() {
+    // No re-sweep on load: the workload features' drift (or the EDP rise) must do it.
+    let cfg = GovernorConfig { mode: Mode::Edp, resweep_load_factor: 0.0, ..GovernorConfig::default() };
+    let mut g = Governor::new(cfg, &h100_clocks(), None);
+    let mut env = Synthetic::new(9);
+    run(&mut g, &mut env, 80);
+    assert_eq!(search_of(&g), "exploiting");
+    env.tokens_per_s = 200.0;
+    let mut applied = ClockTarget::Locked(g.stage.refine_center().expect("converged on a clock"));
+    let mut left = None;
+    for i in 0..20 {
+        let (w, e) = env.window(applied);
+        let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied });
+        applied = d.target;
+        if search_of(&g) != "exploiting" {
+            assert!(!d.converged && d.phase == Phase::Explore, "{d:?}");
+            left = Some(i);
+            break;
+        }
+    }
+    assert!(left.is_some(), "still exploiting after the shift");
+    assert_eq!(search_of(&g), "learning", "relearns without sweeping again");
+    // And settles again under the new workload.
+    let ds = run(&mut g, &mut env, 100);
+    assert!(ds[80..].iter().all(|d| d.converged && search_of(&g) == "exploiting"));
+}
+
+#[test]
+fn an_idle_window_parks_and_the_next_busy_one_leaves_at_once() {
+    // Mode edp: at the idle clock the synthetic TPOT breaks the default SLO, which would fall back.
+    let cfg = GovernorConfig { mode: Mode::Edp, ..GovernorConfig::default() };
+    let mut g = Governor::new(cfg, &h100_clocks(), None);
+    let mut env = Synthetic::new(5);
+    let busy = run(&mut g, &mut env, 8);
+    let idle = context::tests::window(0.0, 0.0, 0.0, 0.0);
+    let park = g.decide(&Observation { window: &idle, energy_j: 70.0, seconds: 1.0, applied: busy[7].target });
+    assert!(matches!(g.stage, Stage::Parked { .. }), "{:?}", g.stage);
+    let (w, e) = env.window(park.target);
+    let d = g.decide(&Observation { window: &w, energy_j: e, seconds: 1.0, applied: park.target });
+    assert!(matches!(g.stage, Stage::Searching(_)), "{:?}", g.stage);
+    assert_ne!(d.target, park.target, "not held by the rate limit");
 }
