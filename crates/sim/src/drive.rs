@@ -85,7 +85,7 @@ impl Driver {
         self
     }
 
-    /// Follows every request submitted from now on to its outcome (see [`Driver::outcomes`]).
+    /// Follows every request submitted from now on to its outcome (see [`Driver::take_outcomes`]).
     pub fn tracking_outcomes(mut self) -> Driver {
         self.outcomes = Some(Outcomes::default());
         self
