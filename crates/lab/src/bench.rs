@@ -9,8 +9,9 @@
 //! 30 MHz grid and picking per segment, then replaying that schedule), `agft` (the AGFT
 //! re-implementation) and `governor` (ours, mode `slo`).
 //!
-//! Simplification: arrivals that fall inside an engine step are submitted when the step ends
-//! (steps last 5-60 ms), identically for every policy.
+//! The engine runs on the simulator's virtual-time driver ([`Driver`]), which submits an arrival
+//! that falls inside an engine step when the step ends (steps last 5-60 ms), identically for
+//! every policy.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -23,7 +24,8 @@ use crate::trace::Trace;
 use governor::reward::{edp_per_token, Slo};
 use governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation, Phase};
 use gpu::{GpuBackend, GpuError};
-use sim::engine::{Engine, EngineConfig, SimRequest};
+use sim::drive::{Driver, Until};
+use sim::engine::{Engine, EngineConfig};
 use sim::gpu::SimGpu;
 use vllm_metrics::{ParseError, Snapshot, Window};
 
@@ -325,16 +327,17 @@ fn oracle(trace: &Trace, opts: &BenchOptions, clocks: &[u32]) -> Result<Run, Ben
 fn simulate(trace: &Trace, opts: &BenchOptions, ctl: &mut dyn Controller) -> Result<Run, BenchError> {
     let (gpu, clocks) = h100()?;
     let max = clocks[clocks.len() - 1];
-    let mut engine =
+    let engine =
         Engine::new(EngineConfig::default(), Arc::clone(&gpu)).map_err(|e| BenchError::Engine(e.to_string()))?;
+    let mut driver = Driver::new(engine);
+    driver.extend(trace.schedule.arrivals(opts.seed));
     let slo = Slo { ttft_s: opts.ttft_slo_s, tpot_s: opts.tpot_slo_s };
-    let mut arrivals = trace.schedule.arrivals(opts.seed).peekable();
     let end = trace.duration_s();
-    let first = Snapshot::from_text(&engine.metrics_text())?;
+    let first = Snapshot::from_text(&driver.engine().metrics_text())?;
     let mut prev = first.clone();
     let mut prev_energy = gpu.sample(0)?.energy_j;
     let first_energy = prev_energy;
-    let mut prev_t = engine.now();
+    let mut prev_t = driver.now();
     let mut applied = ClockTarget::Default;
     let mut windows = Vec::new();
     let (mut decisions, mut changes) = (0u64, 0u64);
@@ -342,37 +345,9 @@ fn simulate(trace: &Trace, opts: &BenchOptions, ctl: &mut dyn Controller) -> Res
     let (mut clock_time, mut busy_time) = (0.0, 0.0);
     let mut edge = opts.period_s;
     while edge <= end + 1e-9 {
-        loop {
-            while let Some(a) = arrivals.peek() {
-                if a.at_s > engine.now() {
-                    break;
-                }
-                engine.submit(SimRequest {
-                    prompt_tokens: a.prompt_tokens,
-                    max_tokens: a.max_tokens,
-                    prefix_id: None,
-                    prefix_tokens: 0,
-                });
-                arrivals.next();
-            }
-            let now = engine.now();
-            if now >= edge {
-                break;
-            }
-            let next_arrival = arrivals.peek().map_or(f64::INFINITY, |a| a.at_s);
-            if !(engine.has_work() && engine.step().is_some()) {
-                engine.idle_until(next_arrival.min(edge));
-            }
-            if engine.now() <= now {
-                // Nothing could run and time did not move: jump to the edge.
-                engine.idle_until(edge);
-                if engine.now() <= now {
-                    break;
-                }
-            }
-        }
-        let now = engine.now();
-        let snap = Snapshot::from_text(&engine.metrics_text())?;
+        driver.advance(Until::Edge(edge));
+        let now = driver.now();
+        let snap = Snapshot::from_text(&driver.engine().metrics_text())?;
         let energy_now = gpu.sample(0)?.energy_j;
         let seconds = now - prev_t;
         let window = Window::between(&prev, &snap, seconds);

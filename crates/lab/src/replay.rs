@@ -23,7 +23,8 @@ use advisor::online::Objectives;
 use advisor::AdvisorConfig;
 use advisor::{Advisor, Context};
 use loadgen::schedule::{Arrival, Pace, Schedule, Segment};
-use sim::engine::{Engine, EngineConfig, SimRequest};
+use sim::drive::{Driver, Until};
+use sim::engine::{Engine, EngineConfig};
 use sim::gpu::SimGpu;
 use vllm_metrics::{Snapshot, Window};
 
@@ -85,9 +86,10 @@ pub struct ReplayReport {
     pub mean_advice_us: f64,
 }
 
-/// One simulated replica driven by arrivals, stepping in virtual time.
+/// One simulated replica: the engine on the virtual-time driver, and the metrics at the last
+/// window edge.
 struct Replica {
-    engine: Engine,
+    driver: Driver,
     prev: Snapshot,
     prev_t: f64,
 }
@@ -97,46 +99,14 @@ impl Replica {
         let gpu = Arc::new(SimGpu::h100(1));
         let engine = Engine::new(cfg.clone(), gpu).map_err(|e| ReplayError::Engine(e.to_string()))?;
         let prev = Snapshot::from_text(&engine.metrics_text())?;
-        Ok(Self { prev_t: engine.now(), engine, prev })
+        Ok(Self { prev_t: engine.now(), driver: Driver::new(engine), prev })
     }
 
-    /// Runs until `edge`, submitting `take`n arrivals when they are due; returns the window.
-    fn run_until(
-        &mut self,
-        edge: f64,
-        arrivals: &mut std::iter::Peekable<impl Iterator<Item = Arrival>>,
-    ) -> Result<Window, ReplayError> {
-        loop {
-            while let Some(a) = arrivals.peek() {
-                if a.at_s > self.engine.now() {
-                    break;
-                }
-                let req = SimRequest {
-                    prompt_tokens: a.prompt_tokens,
-                    max_tokens: a.max_tokens,
-                    prefix_id: None,
-                    prefix_tokens: 0,
-                };
-                self.engine.submit(req);
-                arrivals.next();
-            }
-            let now = self.engine.now();
-            if now >= edge {
-                break;
-            }
-            let next = arrivals.peek().map_or(f64::INFINITY, |a| a.at_s);
-            if !(self.engine.has_work() && self.engine.step().is_some()) {
-                self.engine.idle_until(next.min(edge));
-            }
-            if self.engine.now() <= now {
-                self.engine.idle_until(edge);
-                if self.engine.now() <= now {
-                    break;
-                }
-            }
-        }
-        let snap = Snapshot::from_text(&self.engine.metrics_text())?;
-        let now = self.engine.now();
+    /// Runs until `edge`, submitting the queued arrivals when they are due; returns the window.
+    fn run_until(&mut self, edge: f64) -> Result<Window, ReplayError> {
+        self.driver.advance(Until::Edge(edge));
+        let snap = Snapshot::from_text(&self.driver.engine().metrics_text())?;
+        let now = self.driver.now();
         let w = Window::between(&self.prev, &snap, now - self.prev_t);
         self.prev = snap;
         self.prev_t = now;
@@ -155,11 +125,11 @@ fn poisson_rate(seg: &Segment, i: usize) -> Result<f64, ReplayError> {
 pub fn meets(seg: &Segment, rate: f64, n: u32, opts: &ReplayOptions, seed: u64) -> Result<bool, ReplayError> {
     let share = Segment::poisson(seg.duration_s, rate / f64::from(n), seg.prompt, seg.output);
     let schedule = Schedule { segments: vec![share] };
-    let mut arrivals = schedule.arrivals(seed).peekable();
     let mut r = Replica::new(&opts.engine)?;
+    r.driver.extend(schedule.arrivals(seed));
     // Warm-up: its window is not judged.
-    r.run_until(seg.duration_s * 0.25, &mut arrivals)?;
-    let w = r.run_until(seg.duration_s, &mut arrivals)?;
+    r.run_until(seg.duration_s * 0.25)?;
+    let w = r.run_until(seg.duration_s)?;
     let mean = |l: &Option<vllm_metrics::Latency>| l.as_ref().and_then(|l| l.mean);
     // A window without a finished first token or decoding step is idle: nothing to break.
     let ttft_ok = mean(&w.ttft).is_none_or(|t| t <= opts.objectives.ttft_s);
@@ -203,7 +173,6 @@ pub fn replay(trace: &Trace, opts: &ReplayOptions) -> Result<ReplayReport, Repla
     // The fleet's arrivals, thinned to this replica by random routing (the count changes as
     // the advisor's suggestion is applied, so the thinning is decided per arrival).
     let fleet: Vec<Arrival> = trace.schedule.arrivals(opts.seed).collect();
-    let mut share = Vec::with_capacity(fleet.len());
     let mut r = Replica::new(&opts.engine)?;
     let mut advisor = Advisor::new(opts.advisor.clone());
     let max_mhz = f64::from(SimGpu::clocks().last().copied().unwrap_or(1980));
@@ -216,15 +185,13 @@ pub fn replay(trace: &Trace, opts: &ReplayOptions) -> Result<ReplayReport, Repla
     for (i, (seg, (_, end))) in segments.iter().zip(&bounds).enumerate() {
         while edge <= end + 1e-9 {
             // Route the arrivals of this period with the replica count in force now.
-            share.clear();
             while next < fleet.len() && fleet[next].at_s <= edge {
                 if route.random::<f64>() * f64::from(replicas) < 1.0 {
-                    share.push(fleet[next]);
+                    r.driver.push(fleet[next]);
                 }
                 next += 1;
             }
-            let mut it = share.iter().copied().peekable();
-            let w = r.run_until(edge, &mut it)?;
+            let w = r.run_until(edge)?;
             let ctx = Context {
                 now_s: edge,
                 model: &opts.engine.model_name,

@@ -2,11 +2,13 @@
 //! a simulated vLLM engine on it ([`engine`]), an OpenAI-compatible HTTP server for that engine
 //! ([`server`], the `vllm-sim` binary), the whole demo world of `gpu-agent --simulate`
 //! ([`world`]), and the tuner's virtual-time trial server ([`tune`]). Both servers read vLLM's
-//! flags through one mapping ([`flags`]).
+//! flags through one mapping ([`flags`]). Everything that runs the engine in virtual time (the
+//! tuner here, the bench and the replay in `lab`) does it through one driver ([`drive`]).
 //!
 //! Nothing in production depends on this crate: the daemon links it only with its `simulate`
 //! feature (`tests/tests/dependencies.rs`).
 
+pub mod drive;
 pub mod engine;
 pub mod flags;
 pub mod gpu;

@@ -3,24 +3,22 @@
 //! study takes seconds instead of hours. Flags map to the engine's config exactly as `vllm-sim`
 //! maps them; a flag the simulator does not model is an error, as vLLM's parser would make it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use gpu::GpuBackend;
-use loadgen::{LoadReport, RequestOutcome, RequestRate, Schedule, Slo};
+use loadgen::{LoadReport, RequestRate, Schedule, Slo};
 use tuner::server::{BoxFuture, LoadRun, RunError, ServerFactory, StartRequest, TrialServer};
 use tuner::trial::StartFailure;
 use vllm_metrics::Snapshot;
 
-use crate::engine::{Engine, EngineConfig, FinishReason, SimRequest, TokenEvent};
+use crate::drive::{Driver, Until};
+use crate::engine::{Engine, EngineConfig};
 use crate::flags::engine_config;
 use crate::gpu::SimGpu;
 
 /// Virtual seconds after which a run is cut (its unfinished requests count as failed).
 const MAX_VIRTUAL_S: f64 = 3600.0;
-
-/// Prefix-cache group of the shared prompt prefix (as the HTTP load driver sends it).
-const PREFIX_ID: u64 = 1;
 
 /// The tuner's in-process servers: each start is a [`VirtualServer`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -75,8 +73,8 @@ impl VirtualServer {
         Ok(VirtualServer { cfg, clock })
     }
 
-    /// One load run in virtual time on a fresh engine; returns the report and the prefix-cache
-    /// hit rate.
+    /// One load run in virtual time on a fresh engine, driven to the load's end ([`Driver`]);
+    /// returns the report and the prefix-cache hit rate.
     pub fn run(
         &self,
         schedule: &Schedule,
@@ -90,78 +88,12 @@ impl VirtualServer {
                 gpu.lock_sm_clock(i, mhz).map_err(|e| StartFailure::Invalid(format!("--sim-sm-clock: {e}")))?;
             }
         }
-        let mut engine = Engine::new(self.cfg.clone(), gpu).map_err(|e| StartFailure::Invalid(e.to_string()))?;
-        let mut arrivals = schedule.arrivals(seed).peekable();
-        // id -> (arrival time, outcome so far, time of the last token)
-        let mut live: HashMap<u64, (f64, RequestOutcome, f64)> = HashMap::new();
-        let mut done: Vec<RequestOutcome> = Vec::new();
-        loop {
-            while let Some(a) = arrivals.peek() {
-                if a.at_s > engine.now() {
-                    break;
-                }
-                let shared = prefix_tokens.min(a.prompt_tokens.saturating_sub(1));
-                let id = engine.submit(SimRequest {
-                    prompt_tokens: a.prompt_tokens,
-                    max_tokens: a.max_tokens,
-                    prefix_id: (shared > 0).then_some(PREFIX_ID),
-                    prefix_tokens: shared,
-                });
-                live.insert(
-                    id,
-                    (a.at_s, RequestOutcome { prompt_tokens: a.prompt_tokens, ..Default::default() }, a.at_s),
-                );
-                arrivals.next();
-            }
-            if engine.now() > MAX_VIRTUAL_S {
-                break;
-            }
-            match engine.step() {
-                Some(step) => {
-                    let now = engine.now();
-                    for ev in step.events {
-                        match ev {
-                            TokenEvent::First { id } => {
-                                if let Some((at, o, last)) = live.get_mut(&id) {
-                                    o.ttft = now - *at;
-                                    o.output_tokens = 1;
-                                    *last = now;
-                                }
-                            }
-                            TokenEvent::Token { id } => {
-                                if let Some((_, o, last)) = live.get_mut(&id) {
-                                    o.itl.push(now - *last);
-                                    o.output_tokens += 1;
-                                    *last = now;
-                                }
-                            }
-                            TokenEvent::Finished { id, reason } => {
-                                if let Some((at, mut o, _)) = live.remove(&id) {
-                                    if reason == FinishReason::Length {
-                                        o.e2el = now - at;
-                                        o.success = true;
-                                    } else {
-                                        o = RequestOutcome::failed(
-                                            o.prompt_tokens,
-                                            "HTTP 400: prompt longer than max_model_len",
-                                        );
-                                    }
-                                    done.push(o);
-                                }
-                            }
-                        }
-                    }
-                }
-                None => match arrivals.peek() {
-                    Some(a) => engine.idle_until(a.at_s),
-                    None => break,
-                },
-            }
-        }
-        let end = engine.now();
-        for (_, (_, o, _)) in live.drain() {
-            done.push(RequestOutcome::failed(o.prompt_tokens, "cancelled at the run's deadline"));
-        }
+        let engine = Engine::new(self.cfg.clone(), gpu).map_err(|e| StartFailure::Invalid(e.to_string()))?;
+        let mut driver = Driver::new(engine).with_shared_prefix(prefix_tokens).tracking_outcomes();
+        driver.extend(schedule.arrivals(seed));
+        driver.advance(Until::Drained { deadline_s: MAX_VIRTUAL_S });
+        let end = driver.now();
+        let done = driver.take_outcomes("cancelled at the run's deadline");
         let first_at = schedule.arrivals(seed).next().map_or(0.0, |a| a.at_s);
         let rate = if schedule.is_infinite_rate() {
             RequestRate::Infinite
@@ -169,7 +101,7 @@ impl VirtualServer {
             RequestRate::PerSecond(schedule.expected_requests() / schedule.duration_s().max(1e-9))
         };
         let report = LoadReport::from_outcomes(&done, (end - first_at).max(1e-9), rate, None, slo);
-        let hit = Snapshot::from_text(&engine.metrics_text()).ok().and_then(|s| {
+        let hit = Snapshot::from_text(&driver.engine().metrics_text()).ok().and_then(|s| {
             let q = s.prefix_cache_queries_total?;
             (q > 0.0).then(|| s.prefix_cache_hits_total.unwrap_or(0.0) / q)
         });

@@ -4,33 +4,30 @@
 //! reaches the step's end in virtual time (so latencies seen by clients are real), then hands
 //! the step's token events to per-request channels. While idle it keeps the engine's virtual
 //! clock level with the wall clock, so idle energy and gauges stay truthful.
+//!
+//! Here: the server, its engine task and accept loop; the HTTP API is in `http`, the answers
+//! (whole or streamed) in `stream`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body, Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
-use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
-use crate::engine::{Engine, EngineConfig, EngineStats, FinishReason, RequestId, SimError, SimRequest, TokenEvent};
+use crate::engine::{Engine, EngineConfig, EngineStats, RequestId, SimError, SimRequest, TokenEvent};
 use crate::gpu::SimGpu;
+use http::handle;
+
+mod http;
+mod stream;
 
 /// Prometheus' text exposition content type, as vLLM serves it.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -38,17 +35,11 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 /// Default `max_tokens` of `/v1/completions` (OpenAI's and vLLM's).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
 
-/// Largest request body accepted.
-const MAX_BODY_BYTES: usize = 32 << 20;
-
 /// How often an idle engine's clock is brought level with the wall clock.
 const IDLE_TICK: Duration = Duration::from_millis(50);
 
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// Words the simulated model "generates", one per token.
-const FILLER: [&str; 8] = [" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy"];
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -330,336 +321,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
     }
 }
 
-type RespBody = BoxBody<Bytes, Infallible>;
-
-fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<RespBody> {
-    let mut resp = Response::new(Full::new(body.into()).boxed());
-    *resp.status_mut() = status;
-    if let Ok(v) = content_type.parse() {
-        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    resp
-}
-
-fn json_resp(status: StatusCode, v: &Value) -> Response<RespBody> {
-    full(status, "application/json", v.to_string())
-}
-
-/// vLLM's OpenAI-style error body.
-fn error_resp(status: StatusCode, kind: &str, message: impl Into<String>) -> Response<RespBody> {
-    let message = message.into();
-    json_resp(
-        status,
-        &json!({"object": "error", "message": message, "type": kind, "param": null, "code": status.as_u16()}),
-    )
-}
-
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
-    let path = req.uri().path().to_string();
-    let resp = match (req.method(), path.as_str()) {
-        (&Method::GET, "/metrics") => full(StatusCode::OK, METRICS_CONTENT_TYPE, shared.metrics_text()),
-        (&Method::GET, "/health") => full(StatusCode::OK, "application/json", Bytes::new()),
-        (&Method::GET, "/v1/models") => json_resp(StatusCode::OK, &models_json(&shared)),
-        (&Method::POST, "/v1/completions") => completions(shared, req).await,
-        (_, "/metrics" | "/health" | "/v1/models" | "/v1/completions") => {
-            json_resp(StatusCode::METHOD_NOT_ALLOWED, &json!({"detail": "Method Not Allowed"}))
-        }
-        _ => json_resp(StatusCode::NOT_FOUND, &json!({"detail": "Not Found"})),
-    };
-    Ok(resp)
-}
-
-fn models_json(shared: &Shared) -> Value {
-    json!({
-        "object": "list",
-        "data": [{
-            "id": shared.model,
-            "object": "model",
-            "created": shared.created,
-            "owned_by": "vllm",
-            "root": shared.model,
-            "parent": null,
-            "max_model_len": shared.max_model_len,
-            "permission": [],
-        }]
-    })
-}
-
-/// `/v1/completions` body: the OpenAI fields the simulator uses plus its extensions.
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    #[serde(default)]
-    model: Option<String>,
-    prompt: Value,
-    #[serde(default)]
-    max_tokens: Option<u32>,
-    #[serde(default)]
-    stream: bool,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    /// Accepted for compatibility; the simulator never stops early.
-    #[serde(default)]
-    #[allow(dead_code)]
-    ignore_eos: bool,
-    /// Extension: exact prompt length, overriding what the prompt implies.
-    #[serde(default)]
-    prompt_tokens: Option<u32>,
-    /// Extension: requests with the same id share a cached prefix.
-    #[serde(default)]
-    prefix_id: Option<u64>,
-    /// Extension: length of the shared prefix (default: the whole prompt).
-    #[serde(default)]
-    prefix_tokens: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-/// Token count a prompt stands for: ids count one each, text about four characters a token.
-fn prompt_len(prompt: &Value) -> Result<u32, String> {
-    match prompt {
-        Value::String(s) => Ok(u32::try_from(s.chars().count() / 4).unwrap_or(u32::MAX).max(1)),
-        Value::Array(items) if items.is_empty() => Err("prompt must not be empty".into()),
-        Value::Array(items) if items.iter().all(|v| v.as_u64().is_some()) => {
-            Ok(u32::try_from(items.len()).unwrap_or(u32::MAX))
-        }
-        // A batch of one prompt, as clients sometimes send.
-        Value::Array(items) if items.len() == 1 => prompt_len(&items[0]),
-        Value::Array(_) => {
-            Err("prompt must be a string or an array of token ids (batched prompts are not supported)".into())
-        }
-        _ => Err("prompt must be a string or an array of token ids".into()),
-    }
-}
-
-async fn completions(shared: Arc<Shared>, req: Request<Incoming>) -> Response<RespBody> {
-    let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", format!("could not read request body: {e}"))
-        }
-    };
-    let body: CompletionRequest = match serde_json::from_slice(&bytes) {
-        Ok(b) => b,
-        Err(e) => return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", format!("invalid JSON body: {e}")),
-    };
-    if let Some(m) = body.model.as_deref() {
-        if m != shared.model {
-            return error_resp(StatusCode::NOT_FOUND, "NotFoundError", format!("The model `{m}` does not exist."));
-        }
-    }
-    let prompt_tokens = match body.prompt_tokens {
-        Some(0) => return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", "prompt_tokens must be at least 1"),
-        Some(n) => n,
-        None => match prompt_len(&body.prompt) {
-            Ok(n) => n,
-            Err(msg) => return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", msg),
-        },
-    };
-    let max_tokens = body.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-    if max_tokens == 0 {
-        return error_resp(StatusCode::BAD_REQUEST, "BadRequestError", "max_tokens must be at least 1, got 0.");
-    }
-    let total = u64::from(prompt_tokens) + u64::from(max_tokens);
-    if total > u64::from(shared.max_model_len) {
-        return error_resp(
-            StatusCode::BAD_REQUEST,
-            "BadRequestError",
-            format!(
-                "This model's maximum context length is {} tokens. However, you requested {total} tokens \
-                 ({prompt_tokens} in the messages, {max_tokens} in the completion). Please reduce the length \
-                 of the messages or completion.",
-                shared.max_model_len
-            ),
-        );
-    }
-    let sim_req = SimRequest {
-        prompt_tokens,
-        max_tokens,
-        prefix_id: body.prefix_id,
-        prefix_tokens: if body.prefix_id.is_some() {
-            body.prefix_tokens.unwrap_or(prompt_tokens).min(prompt_tokens)
-        } else {
-            0
-        },
-    };
-    let Some((guard, rx)) = shared.submit(sim_req) else {
-        return error_resp(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "server is shutting down");
-    };
-    let ctx = ChunkCtx {
-        id: format!("cmpl-{}", guard.id),
-        created: unix_now(),
-        model: shared.model.clone(),
-        prompt_tokens,
-        max_tokens,
-    };
-    if body.stream {
-        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-        let sse =
-            SseBody { rx, guard, ctx, include_usage, tokens: 0, reason_sent: false, pending: Vec::new(), ended: false };
-        let mut resp = Response::new(sse.boxed());
-        resp.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("text/event-stream; charset=utf-8"),
-        );
-        resp
-    } else {
-        wait_whole(guard, rx, ctx).await
-    }
-}
-
-/// What every chunk of one completion repeats.
-struct ChunkCtx {
-    id: String,
-    created: u64,
-    model: String,
-    prompt_tokens: u32,
-    max_tokens: u32,
-}
-
-impl ChunkCtx {
-    fn usage(&self, completion: u32) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self.prompt_tokens + completion,
-        })
-    }
-
-    fn chunk(&self, text: &str, finish: Option<&str>) -> Bytes {
-        let v = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}],
-        });
-        Bytes::from(format!("data: {v}\n\n"))
-    }
-}
-
-fn reason_str(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Length => "length",
-        FinishReason::Abort => "abort",
-    }
-}
-
-/// Non-streaming: wait for the end and answer with one completion object.
-async fn wait_whole(
-    mut guard: RequestGuard,
-    mut rx: UnboundedReceiver<TokenEvent>,
-    ctx: ChunkCtx,
-) -> Response<RespBody> {
-    let mut tokens = 0u32;
-    let reason = loop {
-        match rx.recv().await {
-            Some(TokenEvent::First { .. } | TokenEvent::Token { .. }) => tokens += 1,
-            Some(TokenEvent::Finished { reason, .. }) => break reason,
-            None => {
-                return error_resp(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailableError",
-                    "server is shutting down",
-                )
-            }
-        }
-    };
-    guard.finished = true;
-    let text: String = (0..tokens).map(|i| FILLER[i as usize % FILLER.len()]).collect();
-    json_resp(
-        StatusCode::OK,
-        &json!({
-            "id": ctx.id,
-            "object": "text_completion",
-            "created": ctx.created,
-            "model": ctx.model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": reason_str(reason), "stop_reason": null}],
-            "usage": ctx.usage(tokens),
-        }),
-    )
-}
-
-/// Streaming body: one SSE chunk per token, then an optional usage chunk and `[DONE]`.
-/// Dropping it (client gone) aborts the request through its guard.
-struct SseBody {
-    rx: UnboundedReceiver<TokenEvent>,
-    guard: RequestGuard,
-    ctx: ChunkCtx,
-    include_usage: bool,
-    tokens: u32,
-    /// Whether a chunk already carried the finish reason.
-    reason_sent: bool,
-    /// Frames ready to send, in reverse order (popped from the end).
-    pending: Vec<Bytes>,
-    ended: bool,
-}
-
-impl SseBody {
-    fn on_event(&mut self, ev: TokenEvent) {
-        let mut out = Vec::new();
-        match ev {
-            TokenEvent::First { .. } | TokenEvent::Token { .. } => {
-                let word = FILLER[self.tokens as usize % FILLER.len()];
-                self.tokens += 1;
-                let last = self.tokens >= self.ctx.max_tokens;
-                self.reason_sent |= last;
-                out.push(self.ctx.chunk(word, last.then_some("length")));
-            }
-            TokenEvent::Finished { reason, .. } => {
-                self.guard.finished = true;
-                if !self.reason_sent {
-                    out.push(self.ctx.chunk("", Some(reason_str(reason))));
-                }
-                if self.include_usage {
-                    let v = json!({
-                        "id": self.ctx.id,
-                        "object": "text_completion",
-                        "created": self.ctx.created,
-                        "model": self.ctx.model,
-                        "choices": [],
-                        "usage": self.ctx.usage(self.tokens),
-                    });
-                    out.push(Bytes::from(format!("data: {v}\n\n")));
-                }
-                out.push(Bytes::from_static(b"data: [DONE]\n\n"));
-                self.ended = true;
-            }
-        }
-        out.reverse();
-        out.append(&mut self.pending);
-        self.pending = out;
-    }
-}
-
-impl Body for SseBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        loop {
-            if let Some(b) = self.pending.pop() {
-                return Poll::Ready(Some(Ok(Frame::data(b))));
-            }
-            if self.ended {
-                return Poll::Ready(None);
-            }
-            match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(ev)) => self.on_event(ev),
-                // Engine stopped: end the stream without [DONE] so the client sees it cut short.
-                Poll::Ready(None) => {
-                    self.ended = true;
-                    return Poll::Ready(None);
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-}
-
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -673,6 +334,10 @@ mod tests {
     use loadgen::{run_http, LengthDist, LoadOptions, Schedule};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::{Method, Request, StatusCode};
+    use serde_json::{json, Value};
     fn gpu() -> Arc<SimGpu> {
         Arc::new(SimGpu::h100(1))
     }
