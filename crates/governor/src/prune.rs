@@ -84,7 +84,7 @@ pub struct PruneRules {
 }
 
 impl PruneRules {
-    /// AGFT's constants (see REFERENCE.md).
+    /// AGFT's constants (`contextual_bandit.py` in SusCom-Lab/AGFT; see docs/governor.md).
     pub fn agft() -> Self {
         Self {
             extreme_rounds: 60,

@@ -1,4 +1,4 @@
-//! A re-implementation of AGFT's clock bandit (as described in REFERENCE.md), the baseline the
+//! A re-implementation of AGFT's clock bandit (SusCom-Lab/AGFT; docs/governor.md), the baseline the
 //! bench compares our governor with. It is given the V1 metric names (through [`Window`]) so
 //! it is not crippled by reading removed V0 names, and it decides every cycle instead of every
 //! 3-4 s; everything else follows AGFT:
