@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// The `[advisor]` section is the advisor's own configuration.
 pub use advisor::AdvisorConfig as AdvisorSection;
+pub use objectives::Mode;
 
 /// A configuration problem, always naming the field (or the TOML line) at fault.
 #[derive(Debug, thiserror::Error)]
@@ -125,27 +126,12 @@ impl Default for GpuSection {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PolicyMode {
-    /// The governor minimises energy-delay per token while both SLOs hold.
-    Slo,
-    /// The governor minimises energy-delay per token, ignoring the SLOs.
-    Edp,
-    /// The governor learns from every window but never touches clocks.
-    Observe,
-    /// Leave clocks to the driver; the governor is not consulted.
-    Default,
-    /// Lock every GPU of the group at `policy.pin_mhz` while vLLM answers.
-    Pinned,
-}
-
+/// The `[policy]` section. In the file the mode is `mode` plus, for `"pinned"`, `pin_mhz`; in
+/// memory it is the agent's one [`Mode`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(try_from = "PolicyFile", into = "PolicyFile")]
 pub struct PolicySection {
-    pub mode: PolicyMode,
-    /// The clock for `mode = "pinned"`, in MHz; must be one the GPU supports.
-    pub pin_mhz: Option<u32>,
+    pub mode: Mode,
     /// Time-to-first-token objective in seconds (mean over a window).
     pub ttft_slo_seconds: f64,
     /// Time-per-output-token (inter-token latency) objective in seconds.
@@ -154,7 +140,53 @@ pub struct PolicySection {
 
 impl Default for PolicySection {
     fn default() -> Self {
-        Self { mode: PolicyMode::Slo, pin_mhz: None, ttft_slo_seconds: 0.5, tpot_slo_seconds: 0.05 }
+        Self { mode: Mode::Slo, ttft_slo_seconds: 0.5, tpot_slo_seconds: 0.05 }
+    }
+}
+
+/// `[policy]` as written in the file: the only place that maps `mode` and `pin_mhz` to a
+/// [`Mode`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct PolicyFile {
+    /// slo, edp, observe, default, pinned (with `pin_mhz`) or pinned:MHZ.
+    mode: String,
+    /// The clock for `mode = "pinned"`, in MHz; must be one the GPU supports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pin_mhz: Option<u32>,
+    ttft_slo_seconds: f64,
+    tpot_slo_seconds: f64,
+}
+
+impl Default for PolicyFile {
+    fn default() -> Self {
+        PolicySection::default().into()
+    }
+}
+
+impl From<PolicySection> for PolicyFile {
+    fn from(p: PolicySection) -> Self {
+        let (mode, pin_mhz) = match p.mode {
+            Mode::Pinned(mhz) => ("pinned".to_string(), Some(mhz)),
+            other => (other.to_string(), None),
+        };
+        PolicyFile { mode, pin_mhz, ttft_slo_seconds: p.ttft_slo_seconds, tpot_slo_seconds: p.tpot_slo_seconds }
+    }
+}
+
+impl TryFrom<PolicyFile> for PolicySection {
+    type Error = String;
+    fn try_from(f: PolicyFile) -> Result<Self, String> {
+        let mode = match (f.mode.as_str(), f.pin_mhz) {
+            (_, Some(0)) => return Err("field `policy.pin_mhz`: must be above 0".into()),
+            ("pinned", Some(mhz)) => Mode::Pinned(mhz),
+            ("pinned", None) => return Err("field `policy.pin_mhz`: mode \"pinned\" needs a clock in MHz".into()),
+            (m, Some(_)) if m.starts_with("pinned:") => {
+                return Err("field `policy.pin_mhz`: the mode already names the clock".into())
+            }
+            (m, _) => m.parse::<Mode>().map_err(|e| format!("field `policy.mode`: {e}"))?,
+        };
+        Ok(PolicySection { mode, ttft_slo_seconds: f.ttft_slo_seconds, tpot_slo_seconds: f.tpot_slo_seconds })
     }
 }
 
@@ -227,13 +259,6 @@ impl Config {
         }
         if self.control.socket.as_os_str().is_empty() {
             return Err(invalid("control.socket", "must be a path"));
-        }
-        match (self.policy.mode, self.policy.pin_mhz) {
-            (PolicyMode::Pinned, None) => {
-                return Err(invalid("policy.pin_mhz", "mode \"pinned\" needs a clock in MHz"))
-            }
-            (_, Some(0)) => return Err(invalid("policy.pin_mhz", "must be above 0")),
-            _ => {}
         }
         self.advisor.validate().map_err(|e| invalid(e.field, e.msg))
     }
@@ -314,7 +339,10 @@ mod tests {
         assert!(err("[gpu]\nindices = [1, 1]\n").contains("gpu.indices"));
         assert!(err("[gpu]\nbackend = \"cuda\"\n").contains("line 2"));
         assert!(err("[policy]\nttft_slo_seconds = -1\n").contains("policy.ttft_slo_seconds"));
-        assert!(err("[policy]\nmode = \"turbo\"\n").contains("line 2"));
+        assert!(err("[policy]\nmode = \"turbo\"\n").contains("policy.mode"));
+        let short = Config::parse("[policy]\nmode = \"pinned:1200\"\n").expect("the one-field form");
+        assert_eq!(short.policy.mode, Mode::Pinned(1200));
+        assert!(err("[policy]\nmode = \"pinned:1200\"\npin_mhz = 900\n").contains("policy.pin_mhz"));
         assert!(err("[policy]\nmode = \"pinned\"\n").contains("policy.pin_mhz"));
         assert!(err("[advisor]\nmin_replicas = 0\n").contains("advisor.min_replicas"));
         assert!(err("[advisor]\nmax_replicas = 0\n").contains("advisor.max_replicas"));
@@ -325,7 +353,7 @@ mod tests {
         assert!(err("[advisor]\naibrix_units_per_replica = 10\n").contains("advisor.aibrix_units_per_replica"));
         assert!(err("[advisor]\nreplica = 2\n").contains("replica"));
         let pinned = Config::parse("[policy]\nmode = \"pinned\"\npin_mhz = 1200\n").expect("valid");
-        assert_eq!(pinned.policy.pin_mhz, Some(1200));
+        assert_eq!(pinned.policy.mode, Mode::Pinned(1200));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use gpu::GpuBackend;
-use gpu_agent::config::{Config, GpuBackendKind, PolicyMode};
+use gpu_agent::config::{Config, GpuBackendKind, Mode};
 use gpu_agent::daemon::Agent;
 use sim::engine::EngineConfig;
 use sim::gpu::{Fault, SimGpu};
@@ -44,8 +44,7 @@ impl Rig {
         cfg.vllm.metrics_url = format!("http://{}/metrics", server.local_addr());
         cfg.gpu.backend = GpuBackendKind::Sim;
         cfg.gpu.indices = vec![0];
-        cfg.policy.mode = PolicyMode::Pinned;
-        cfg.policy.pin_mhz = Some(PIN);
+        cfg.policy.mode = Mode::Pinned(PIN);
         let backend: Arc<dyn GpuBackend> = gpu.clone();
         let agent = Agent::new(cfg.clone(), backend).expect("agent");
         Rig { gpu, agent, cfg, _server: server, _state: state }
@@ -58,7 +57,7 @@ impl Rig {
     }
 
     /// Switches the policy as SIGHUP or `agentctl mode` would.
-    fn mode(&mut self, mode: PolicyMode) {
+    fn mode(&mut self, mode: Mode) {
         self.cfg.policy.mode = mode;
         self.agent.reconfigure(self.cfg.clone()).expect("reconfigure");
     }
@@ -122,7 +121,7 @@ async fn set_fails_is_counted_retried_and_recovered_from() {
     assert_eq!(rig.errors("set_clock"), 0.0);
 
     // The policy now wants the driver's clocks: every cycle tries the reset, and it fails.
-    rig.mode(PolicyMode::Default);
+    rig.mode(Mode::Default);
     let before = rig.cycles_total();
     rig.cycles(3).await;
     assert_eq!(rig.cycles_total() - before, 3.0, "every cycle completes");
@@ -139,7 +138,7 @@ async fn set_fails_is_counted_retried_and_recovered_from() {
     assert_eq!(rig.errors("set_clock"), 3.0);
     assert!(rig.last_error().is_empty(), "{:?}", rig.last_error());
 
-    rig.mode(PolicyMode::Pinned);
+    rig.mode(Mode::Pinned(PIN));
     rig.cycles(2).await; // locks in the first, reads the clock back in the second
     rig.assert_pinned().await;
 
@@ -187,7 +186,7 @@ async fn lost_gpu_fails_every_call_without_a_panic() {
     assert_eq!(rig.errors("sample"), 2.0, "reads fail");
     assert_eq!(rig.metric("gpu_agent_vllm_up", &[]), Some(1.0), "vLLM is still read");
     // A reset is tried (the policy changed) and fails too.
-    rig.mode(PolicyMode::Default);
+    rig.mode(Mode::Default);
     let before = rig.cycles_total();
     rig.cycles(2).await;
     assert_eq!(rig.cycles_total() - before, 2.0, "every cycle completes");
@@ -200,7 +199,7 @@ async fn lost_gpu_fails_every_call_without_a_panic() {
     rig.cycles(1).await;
     assert_eq!(rig.gpu_mhz(), unlocked_mhz());
     assert_eq!(rig.target_mhz(), 0.0);
-    rig.mode(PolicyMode::Pinned);
+    rig.mode(Mode::Pinned(PIN));
     rig.cycles(2).await; // locks in the first, reads the clock back in the second
     rig.assert_pinned().await;
     assert_eq!(rig.errors("set_clock"), 2.0);

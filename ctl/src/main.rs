@@ -102,8 +102,13 @@ enum ModelArg {
     Import { file: PathBuf },
 }
 
+/// `agentctl mode`: the modes that are not a pin (`agentctl pin MHZ` pins).
 fn parse_mode(s: &str) -> Result<proto::Mode, String> {
-    s.parse()
+    match s.parse::<proto::Mode>() {
+        Ok(proto::Mode::Pinned(_)) => Err("use `agentctl pin MHZ` to pin a clock".into()),
+        Ok(m) => Ok(m),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn main() -> ExitCode {

@@ -12,8 +12,8 @@ use serde_json::Value;
 
 /// Each workspace crate and the workspace crates it may depend on (normal and build edges).
 const ALLOWED: &[(&str, &[&str])] = &[
-    ("proto", &[]),
     ("objectives", &[]),
+    ("proto", &["objectives"]),
     ("gpu", &[]),
     ("vllm-metrics", &[]),
     ("store", &[]),

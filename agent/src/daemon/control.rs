@@ -5,7 +5,7 @@ use proto::{ErrorKind, GovernorSummary, GpuStatus, ModelCmd, Request, Response, 
 
 use super::clocks::ClockTarget;
 use super::Agent;
-use crate::config::PolicyMode;
+use objectives::Mode;
 
 fn failed(message: impl Into<String>) -> Response {
     Response::Error { kind: ErrorKind::Failed, message: message.into() }
@@ -21,30 +21,24 @@ impl Agent {
     pub fn handle_control(&mut self, req: Request) -> Response {
         match req {
             Request::Status => Response::Status(Box::new(self.status_report())),
+            Request::SetMode(Mode::Pinned(mhz)) => self.handle_control(Request::Pin(mhz)),
             Request::SetMode(mode) => {
-                let mode = match mode {
-                    proto::Mode::Slo => PolicyMode::Slo,
-                    proto::Mode::Edp => PolicyMode::Edp,
-                    proto::Mode::Observe => PolicyMode::Observe,
-                    proto::Mode::Default => PolicyMode::Default,
-                };
                 let mut policy = self.cfg.policy.clone();
                 policy.mode = mode;
                 self.set_policy(policy);
-                if mode == PolicyMode::Default {
+                if mode == Mode::Default {
                     if let Err(e) = self.apply(ClockTarget::Default) {
                         return failed(format!("mode set, but resetting clocks failed: {e}"));
                     }
                 }
-                Response::Ok(format!("mode {}", super::clock_policy(&self.cfg)))
+                Response::Ok(format!("mode {}", self.cfg.policy.mode))
             }
             Request::Pin(mhz) => {
                 let mut policy = self.cfg.policy.clone();
-                if policy.mode != PolicyMode::Pinned {
+                if !matches!(policy.mode, Mode::Pinned(_)) {
                     self.mode_before_pin = policy.mode;
                 }
-                policy.mode = PolicyMode::Pinned;
-                policy.pin_mhz = Some(mhz);
+                policy.mode = Mode::Pinned(mhz);
                 let mut cfg = self.cfg.clone();
                 cfg.policy = policy.clone();
                 let gpus = self.status_read().gpus.clone();
@@ -60,20 +54,19 @@ impl Agent {
                 }
             }
             Request::Unpin => {
-                if self.cfg.policy.mode != PolicyMode::Pinned {
+                if !matches!(self.cfg.policy.mode, Mode::Pinned(_)) {
                     return Response::Ok("not pinned".into());
                 }
                 let mut policy = self.cfg.policy.clone();
                 policy.mode = self.mode_before_pin;
-                policy.pin_mhz = None;
                 self.set_policy(policy);
                 // The governor (or the driver) takes over from the next cycle.
-                if self.cfg.policy.mode == PolicyMode::Default {
+                if self.cfg.policy.mode == Mode::Default {
                     if let Err(e) = self.apply(ClockTarget::Default) {
                         return failed(format!("unpinned, but resetting clocks failed: {e}"));
                     }
                 }
-                Response::Ok(format!("unpinned; mode {}", super::clock_policy(&self.cfg)))
+                Response::Ok(format!("unpinned; mode {}", self.cfg.policy.mode))
             }
             Request::SetSlo { ttft_s, tpot_s } => {
                 let mut policy = self.cfg.policy.clone();
@@ -125,7 +118,7 @@ impl Agent {
         self.steering.set_policy(policy.clone());
         self.cfg.policy = policy;
         let mut st = self.status_write();
-        st.mode = super::clock_policy(&self.cfg);
+        st.mode = self.cfg.policy.mode;
         st.ttft_slo_seconds = self.cfg.policy.ttft_slo_seconds;
         st.tpot_slo_seconds = self.cfg.policy.tpot_slo_seconds;
     }

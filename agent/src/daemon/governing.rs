@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use crate::config::{PolicyMode, PolicySection};
+use crate::config::PolicySection;
 use governor::store::{export_text, parse_export, Export, Store, StoreError, SCHEMA_VERSION};
 use governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation};
 use vllm_metrics::Window;
@@ -64,13 +64,7 @@ impl Steering {
 
     /// The governor's mode for the config's policy, None when the governor is not consulted.
     pub fn mode(policy: &PolicySection) -> Option<Mode> {
-        match policy.mode {
-            PolicyMode::Slo => Some(Mode::Slo),
-            PolicyMode::Edp => Some(Mode::Edp),
-            PolicyMode::Observe => Some(Mode::Observe),
-            PolicyMode::Pinned => policy.pin_mhz.map(Mode::Pinned),
-            PolicyMode::Default => None,
-        }
+        (policy.mode != Mode::Default).then_some(policy.mode)
     }
 
     pub fn set_policy(&mut self, policy: PolicySection) {

@@ -20,12 +20,12 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::backends;
-use crate::config::{Config, ConfigError, GpuBackendKind, PolicyMode};
+use crate::config::{Config, ConfigError, GpuBackendKind};
 use clocks::{ClockKeeper, ClockTarget};
 use governor::Decision;
 use gpu::{GpuBackend, GpuError, GpuInfo, GpuSample};
 use metrics::AgentMetrics;
-use proto::{ClockPolicy, Mode};
+use objectives::Mode;
 use vllm_metrics::{Scraper, Snapshot, Window};
 
 /// Consecutive failed scrapes after which clocks go back to the driver.
@@ -83,7 +83,7 @@ pub struct Status {
     pub samples: Vec<GpuSample>,
     /// Locked SM clock in MHz, None when the driver manages clocks.
     pub locked_mhz: Option<u32>,
-    pub mode: ClockPolicy,
+    pub mode: Mode,
     /// The governor's phase (explore, exploit, fallback, ...), once it has decided.
     pub phase: Option<governor::Phase>,
     pub decision: Option<Decision>,
@@ -274,7 +274,7 @@ pub struct Agent {
     /// The SM clocks the group supports (the advisor needs the highest).
     max_clock_mhz: u32,
     /// The mode `agentctl unpin` goes back to.
-    mode_before_pin: PolicyMode,
+    mode_before_pin: Mode,
     started: Instant,
     pub metrics: Arc<AgentMetrics>,
     pub status: SharedStatus,
@@ -303,7 +303,7 @@ impl Agent {
         let status = Status {
             vllm_url: cfg.vllm.metrics_url.clone(),
             gpus: infos.clone(),
-            mode: clock_policy(&cfg),
+            mode: cfg.policy.mode,
             ttft_slo_seconds: cfg.policy.ttft_slo_seconds,
             tpot_slo_seconds: cfg.policy.tpot_slo_seconds,
             period_seconds: cfg.agent.period_seconds,
@@ -321,7 +321,7 @@ impl Agent {
             advisor: cfg.advisor.enabled.then(|| advisor::Advisor::new(cfg.advisor.clone())),
             replicas_error: false,
             max_clock_mhz,
-            mode_before_pin: if cfg.policy.mode == PolicyMode::Pinned { PolicyMode::Slo } else { cfg.policy.mode },
+            mode_before_pin: if matches!(cfg.policy.mode, Mode::Pinned(_)) { Mode::Slo } else { cfg.policy.mode },
             started: Instant::now(),
             clocks: ClockKeeper::new(gpu.clone(), cfg.gpu.indices.clone()),
             scraper: Scraper::new(),
@@ -358,7 +358,7 @@ impl Agent {
         {
             let mut st = self.status_write();
             st.vllm_url = new.vllm.metrics_url.clone();
-            st.mode = clock_policy(&new);
+            st.mode = new.policy.mode;
             st.ttft_slo_seconds = new.policy.ttft_slo_seconds;
             st.tpot_slo_seconds = new.policy.tpot_slo_seconds;
             st.period_seconds = new.agent.period_seconds;
@@ -505,10 +505,10 @@ impl Agent {
         if vllm_failures > 0 {
             return self.clocks.applied();
         }
-        match (self.cfg.policy.mode, self.cfg.policy.pin_mhz, decision) {
-            (PolicyMode::Default, _, _) => ClockTarget::Default,
-            (PolicyMode::Pinned, Some(mhz), _) => ClockTarget::Locked(mhz),
-            (_, _, Some(d)) => d.target,
+        match (self.cfg.policy.mode, decision) {
+            (Mode::Default, _) => ClockTarget::Default,
+            (Mode::Pinned(mhz), _) => ClockTarget::Locked(mhz),
+            (_, Some(d)) => d.target,
             // No window yet (first scrape): keep what is applied.
             _ => self.clocks.applied(),
         }
@@ -617,18 +617,8 @@ fn study_program() -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("gpu-agent"))
 }
 
-fn clock_policy(cfg: &Config) -> ClockPolicy {
-    match (cfg.policy.mode, cfg.policy.pin_mhz) {
-        (PolicyMode::Pinned, Some(m)) => ClockPolicy::Pinned(m),
-        (PolicyMode::Pinned, None) | (PolicyMode::Default, _) => ClockPolicy::Mode(Mode::Default),
-        (PolicyMode::Slo, _) => ClockPolicy::Mode(Mode::Slo),
-        (PolicyMode::Edp, _) => ClockPolicy::Mode(Mode::Edp),
-        (PolicyMode::Observe, _) => ClockPolicy::Mode(Mode::Observe),
-    }
-}
-
 fn check_pin(cfg: &Config, gpus: &[GpuInfo]) -> Result<(), DaemonError> {
-    let (PolicyMode::Pinned, Some(mhz)) = (cfg.policy.mode, cfg.policy.pin_mhz) else {
+    let Mode::Pinned(mhz) = cfg.policy.mode else {
         return Ok(());
     };
     for g in gpus {

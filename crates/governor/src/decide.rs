@@ -124,7 +124,7 @@ impl Governor {
         violated: bool,
     ) -> (ClockTarget, Phase) {
         match self.cfg.mode {
-            Mode::Observe => (applied, Phase::Observe),
+            Mode::Observe | Mode::Default => (applied, Phase::Observe),
             Mode::Pinned(mhz) => {
                 let floor = self.clocks.first().copied().unwrap_or(mhz);
                 (ClockTarget::Locked(self.snap(mhz.max(floor)).unwrap_or(mhz)), Phase::Pinned)

@@ -77,7 +77,7 @@ impl Governor {
         let power_delay = window.outcome.power_delay()?;
         let (arm, chosen_in) = match (pending, applied) {
             (Some((chosen, context)), Some(arm)) if chosen == arm => (arm, context),
-            (_, Some(arm)) if self.cfg.mode == Mode::Observe => (arm, window.context?.clone()),
+            (_, Some(arm)) if matches!(self.cfg.mode, Mode::Observe | Mode::Default) => (arm, window.context?.clone()),
             _ => return None,
         };
         let shape =

@@ -16,7 +16,8 @@ pub use client::{Client, ClientError};
 pub use frame::{decode_body, encode_frame, frame_len, ProtoError};
 
 /// 2: structured `tune` requests and answers, `advice` answers, model export/import by content.
-/// 3: states are enums (study state and phase, clock policy, governor phase, capacity limit).
+/// 3: states are enums (study state and phase, governor phase, capacity limit) and the mode is
+/// the agent's one `Mode` (pinned included).
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame body either side accepts.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -36,81 +37,9 @@ pub struct Welcome {
     pub agent_version: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Mode {
-    /// The governor keeps the latency objectives.
-    Slo,
-    /// The governor ignores the objectives.
-    Edp,
-    /// The governor learns but never changes clocks.
-    Observe,
-    /// Clocks left to the driver.
-    Default,
-}
-
-impl std::str::FromStr for Mode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "slo" => Ok(Mode::Slo),
-            "edp" => Ok(Mode::Edp),
-            "observe" => Ok(Mode::Observe),
-            "default" => Ok(Mode::Default),
-            other => Err(format!("unknown mode {other:?}: expected slo, edp, observe or default")),
-        }
-    }
-}
-
-impl Mode {
-    pub const fn as_str(&self) -> &'static str {
-        match self {
-            Mode::Slo => "slo",
-            Mode::Edp => "edp",
-            Mode::Observe => "observe",
-            Mode::Default => "default",
-        }
-    }
-}
-
-/// What the agent does with the clocks now: a mode, or a pinned clock. Shown and sent as
-/// `slo`, `edp`, `observe`, `default` or `pinned:MHZ` (the default: driver-managed clocks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(into = "String", try_from = "String")]
-pub enum ClockPolicy {
-    Mode(Mode),
-    Pinned(u32),
-}
-
-impl Default for ClockPolicy {
-    fn default() -> Self {
-        ClockPolicy::Mode(Mode::Default)
-    }
-}
-
-impl std::fmt::Display for ClockPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ClockPolicy::Mode(m) => f.write_str(m.as_str()),
-            ClockPolicy::Pinned(mhz) => write!(f, "pinned:{mhz}"),
-        }
-    }
-}
-
-impl From<ClockPolicy> for String {
-    fn from(p: ClockPolicy) -> String {
-        p.to_string()
-    }
-}
-
-impl TryFrom<String> for ClockPolicy {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        match s.strip_prefix("pinned:") {
-            Some(mhz) => mhz.parse().map(ClockPolicy::Pinned).map_err(|_| format!("bad pinned clock in {s:?}")),
-            None => s.parse().map(ClockPolicy::Mode),
-        }
-    }
-}
+/// The clock mode (`slo`, `edp`, `observe`, `default`, `pinned:MHZ`): the agent's one mode
+/// type, shared with the config and the governor.
+pub use objectives::{Mode, ModeError};
 
 /// What the governor did in the last cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -379,7 +308,7 @@ pub struct StatusReport {
     pub uptime_s: f64,
     pub period_s: f64,
     pub cycles: u64,
-    pub mode: ClockPolicy,
+    pub mode: Mode,
     pub phase: Option<GovernorPhase>,
     pub locked_mhz: Option<u32>,
     pub vllm_url: String,
@@ -550,12 +479,6 @@ mod tests {
         // A huge declared string length inside a small frame is refused by the byte limit.
         let bogus = [7u8, 0xfc, 0xff, 0xff, 0xff, 0x7f];
         assert!(decode_body::<Request>(&bogus).is_err());
-    }
-
-    #[test]
-    fn modes_parse() {
-        assert_eq!("observe".parse::<Mode>(), Ok(Mode::Observe));
-        assert!("turbo".parse::<Mode>().expect_err("unknown mode").contains("turbo"));
     }
 
     #[test]
