@@ -484,7 +484,7 @@ impl Agent {
             clock_mhz: mhz(self.clocks.applied()),
             window_clock_mhz: mhz(window_clock),
             max_clock_mhz: max,
-            objectives: advisor::online::Objectives {
+            objectives: objectives::Objectives {
                 ttft_s: self.cfg.policy.ttft_slo_seconds,
                 tpot_s: self.cfg.policy.tpot_slo_seconds,
             },

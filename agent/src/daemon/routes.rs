@@ -124,7 +124,7 @@ mod tests {
             clock_mhz: 1980.0,
             window_clock_mhz: 1980.0,
             max_clock_mhz: 1980.0,
-            objectives: advisor::online::Objectives { ttft_s: 0.5, tpot_s: 0.05 },
+            objectives: objectives::Objectives { ttft_s: 0.5, tpot_s: 0.05 },
             replicas,
         };
         super::super::Status {

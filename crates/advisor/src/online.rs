@@ -76,11 +76,7 @@ impl<const N: usize> Rls<N> {
 }
 
 /// The latency objectives (means over a window, as the governor keeps them).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Objectives {
-    pub ttft_s: f64,
-    pub tpot_s: f64,
-}
+pub use objectives::Objectives;
 
 /// Which limit caps the capacity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -4,14 +4,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::prune::PruneRules;
-use crate::reward::{RewardShape, Slo};
+use crate::reward::RewardShape;
 use crate::Mode;
+use objectives::Objectives;
 
 /// Tunables.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GovernorConfig {
     pub mode: Mode,
-    pub slo: Slo,
+    pub slo: Objectives,
     /// Spacing of the coarse grid.
     pub coarse_step_mhz: u32,
     /// Spacing of the arms added around the best clock.
@@ -73,7 +74,7 @@ impl Default for GovernorConfig {
     fn default() -> Self {
         Self {
             mode: Mode::Slo,
-            slo: Slo { ttft_s: 0.5, tpot_s: 0.05 },
+            slo: Objectives { ttft_s: 0.5, tpot_s: 0.05 },
             coarse_step_mhz: 90,
             fine_step_mhz: 15,
             fine_arms_each_side: 3,

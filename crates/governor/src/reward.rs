@@ -11,13 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use vllm_metrics::Window;
 
-/// Latency objectives in seconds (mean TTFT and mean TPOT of a window, as the daemon counts
-/// violations).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Slo {
-    pub ttft_s: f64,
-    pub tpot_s: f64,
-}
+use objectives::Objectives;
 
 /// What one window cost and delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
@@ -59,7 +53,7 @@ impl Outcome {
         (served && self.seconds > 0.0 && v.is_finite() && v > 0.0).then_some(v)
     }
 
-    pub fn slo_check(&self, slo: &Slo) -> SloCheck {
+    pub fn slo_check(&self, slo: &Objectives) -> SloCheck {
         SloCheck { ttft_ratio: self.ttft_s.map(|t| t / slo.ttft_s), tpot_ratio: self.tpot_s.map(|t| t / slo.tpot_s) }
     }
 }

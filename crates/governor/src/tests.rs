@@ -3,7 +3,7 @@
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::reward::Slo;
+use objectives::Objectives;
 use vllm_metrics::{Latency, Window};
 
 pub(crate) fn h100_clocks() -> Vec<u32> {
@@ -113,7 +113,7 @@ fn converges_near_the_best_edp_clock_within_60_decisions() {
 #[test]
 fn slo_mode_stays_out_of_violating_clocks() {
     // TPOT SLO 30 ms: clocks below ~1410 MHz break it.
-    let cfg = GovernorConfig { slo: Slo { ttft_s: 1.0, tpot_s: 0.03 }, ..GovernorConfig::default() };
+    let cfg = GovernorConfig { slo: Objectives { ttft_s: 1.0, tpot_s: 0.03 }, ..GovernorConfig::default() };
     let mut g = Governor::new(cfg, &h100_clocks(), None);
     let mut env = Synthetic::new(2);
     let ds = run(&mut g, &mut env, 200);

@@ -23,8 +23,9 @@ use nalgebra::DVector;
 
 use governor::linucb::LinUcb;
 use governor::prune::{self, ArmStats, PruneRules};
-use governor::reward::{Outcome, Slo};
+use governor::reward::Outcome;
 use governor::{ClockTarget, Decision, Observation, Phase};
+use objectives::Objectives;
 use vllm_metrics::Window;
 
 const FEATURES: usize = 7;
@@ -39,7 +40,7 @@ struct Arm {
 
 /// AGFT's bandit.
 pub struct Agft {
-    slo: Slo,
+    slo: Objectives,
     clocks: Vec<u32>,
     arms: Vec<Arm>,
     gauges: Option<[f64; 3]>,
@@ -65,7 +66,7 @@ impl std::fmt::Debug for Agft {
 }
 
 impl Agft {
-    pub fn new(clocks_mhz: &[u32], slo: Slo) -> Self {
+    pub fn new(clocks_mhz: &[u32], slo: Objectives) -> Self {
         let mut clocks: Vec<u32> = clocks_mhz.iter().copied().filter(|c| *c > 0).collect();
         clocks.sort_unstable();
         clocks.dedup();
@@ -335,7 +336,7 @@ mod tests {
 
     #[test]
     fn grid_covers_the_whole_range_in_90_mhz_steps() {
-        let a = Agft::new(&clocks(), Slo { ttft_s: 1.0, tpot_s: 0.1 });
+        let a = Agft::new(&clocks(), Objectives { ttft_s: 1.0, tpot_s: 0.1 });
         let m: Vec<u32> = a.arms.iter().map(|a| a.stats.mhz).collect();
         assert_eq!(m.first(), Some(&360));
         assert_eq!(m.last(), Some(&1980));
@@ -344,7 +345,7 @@ mod tests {
 
     #[test]
     fn measures_a_baseline_at_default_then_tries_each_arm_once() {
-        let mut a = Agft::new(&clocks(), Slo { ttft_s: 1.0, tpot_s: 0.1 });
+        let mut a = Agft::new(&clocks(), Objectives { ttft_s: 1.0, tpot_s: 0.1 });
         let w = window(1.0, 0.02);
         let mut applied = ClockTarget::Default;
         for _ in 0..10 {
@@ -372,7 +373,7 @@ mod tests {
 
     #[test]
     fn slo_violation_prunes_at_and_below_and_idle_is_clamped_to_the_minimum() {
-        let mut a = Agft::new(&clocks(), Slo { ttft_s: 1.0, tpot_s: 0.05 });
+        let mut a = Agft::new(&clocks(), Objectives { ttft_s: 1.0, tpot_s: 0.05 });
         let ok = window(1.0, 0.02);
         let mut applied = ClockTarget::Default;
         for _ in 0..12 {

@@ -21,9 +21,10 @@ use serde::Serialize;
 
 use crate::agft::Agft;
 use crate::trace::Trace;
-use governor::reward::{edp_per_token, Slo};
+use governor::reward::edp_per_token;
 use governor::{ClockTarget, Decision, Governor, GovernorConfig, Mode, Observation, Phase};
 use gpu::{GpuBackend, GpuError};
+use objectives::Objectives;
 use sim::drive::{Driver, Until};
 use sim::engine::{Engine, EngineConfig};
 use sim::gpu::SimGpu;
@@ -252,7 +253,7 @@ pub fn run_bench(trace: &Trace, policy: BenchPolicy, opts: &BenchOptions) -> Res
     check_options(opts)?;
     let (_, clocks) = h100()?;
     let (min, max) = (clocks[0], clocks[clocks.len() - 1]);
-    let slo = Slo { ttft_s: opts.ttft_slo_s, tpot_s: opts.tpot_slo_s };
+    let slo = Objectives { ttft_s: opts.ttft_slo_s, tpot_s: opts.tpot_slo_s };
     let mut run = match policy {
         BenchPolicy::Default => simulate(trace, opts, &mut Fixed(ClockTarget::Default))?,
         BenchPolicy::Static(mhz) => {
@@ -331,7 +332,7 @@ fn simulate(trace: &Trace, opts: &BenchOptions, ctl: &mut dyn Controller) -> Res
         Engine::new(EngineConfig::default(), Arc::clone(&gpu)).map_err(|e| BenchError::Engine(e.to_string()))?;
     let mut driver = Driver::new(engine);
     driver.extend(trace.schedule.arrivals(opts.seed));
-    let slo = Slo { ttft_s: opts.ttft_slo_s, tpot_s: opts.tpot_slo_s };
+    let slo = Objectives { ttft_s: opts.ttft_slo_s, tpot_s: opts.tpot_slo_s };
     let end = trace.duration_s();
     let first = Snapshot::from_text(&driver.engine().metrics_text())?;
     let mut prev = first.clone();

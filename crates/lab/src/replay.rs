@@ -19,10 +19,10 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::trace::Trace;
-use advisor::online::Objectives;
 use advisor::AdvisorConfig;
 use advisor::{Advisor, Context};
 use loadgen::schedule::{Arrival, Pace, Schedule, Segment};
+use objectives::Objectives;
 use sim::drive::{Driver, Until};
 use sim::engine::{Engine, EngineConfig};
 use sim::gpu::SimGpu;

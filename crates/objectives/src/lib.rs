@@ -1,8 +1,10 @@
 //! What operators ask of the agent and what it measured against that: the clock mode
-//! ([`Mode`]) and the capacity profiles written by the trial launcher and read by the replica
-//! advisor ([`profile`]).
+//! ([`Mode`]), the latency objectives ([`Objectives`]), and the capacity profiles written by
+//! the trial launcher and read by the replica advisor ([`profile`]).
 
+mod latency;
 mod mode;
 pub mod profile;
 
+pub use latency::Objectives;
 pub use mode::{Mode, ModeError};
