@@ -260,6 +260,7 @@ fn reload(agent: &mut Agent, opts: &Options, ticker: &mut tokio::time::Interval)
 }
 
 /// The decision loop's state: everything one cycle reads and writes.
+#[derive(Debug)]
 pub struct Agent {
     cfg: Config,
     gpu: Arc<dyn GpuBackend>,

@@ -13,6 +13,7 @@ use crate::server::{ServerError, SimServer};
 use gpu::GpuBackend;
 use loadgen::Schedule;
 
+#[derive(Debug)]
 pub struct Simulation {
     gpu: Arc<SimGpu>,
     server: SimServer,

@@ -43,7 +43,7 @@ pub enum TuneError {
 }
 
 /// A study to run.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct StudyConfig {
     pub space: SearchSpace,
     /// The launch command as given (`sim` for the simulator): part of the study's identity.

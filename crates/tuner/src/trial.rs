@@ -149,6 +149,16 @@ pub struct TrialContext {
     pub hook: GroupHook,
 }
 
+// By hand: the hook is a closure, which has no `Debug`.
+impl std::fmt::Debug for TrialContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrialContext")
+            .field("space", &self.space)
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
+}
+
 impl TrialContext {
     fn start_request<'a>(
         &'a self,
