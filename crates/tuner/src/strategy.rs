@@ -44,7 +44,8 @@ pub fn grid_point(dims: &[Dim], mut i: u64) -> Point {
     let mut p = vec![0; dims.len()];
     for (d, slot) in dims.iter().zip(p.iter_mut()).rev() {
         let n = d.len.max(1) as u64;
-        *slot = (i % n) as usize;
+        // Below `d.len`, a usize.
+        *slot = usize::try_from(i % n).unwrap_or(usize::MAX);
         i /= n;
     }
     p
