@@ -52,6 +52,8 @@ impl Governor {
     pub(crate) fn floor_mhz(&self) -> u32 {
         let min = self.clocks.first().copied().unwrap_or(0);
         let max = self.clocks.last().copied().unwrap_or(0);
+        // Rounded; `as` saturates, and `find` below copes with any value.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let want = (f64::from(max) * self.cfg.min_share_of_max).round() as u32;
         // The smallest supported clock at or above `want`.
         self.clocks.iter().copied().find(|c| *c >= want).unwrap_or(max).max(min)

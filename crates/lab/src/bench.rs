@@ -275,6 +275,8 @@ pub fn run_bench(trace: &Trace, policy: BenchPolicy, opts: &BenchOptions) -> Res
 /// Sweeps static clocks, picks the best qualifying one per segment and replays that schedule.
 fn oracle(trace: &Trace, opts: &BenchOptions, clocks: &[u32]) -> Result<Run, BenchError> {
     let max = clocks[clocks.len() - 1];
+    // Rounded, as the governor's floor is; `as` saturates.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let floor = (f64::from(max) * GovernorConfig::default().min_share_of_max).round() as u32;
     let mut sweep: Vec<u32> = Vec::new();
     let lowest = floor.max(clocks[0]);
