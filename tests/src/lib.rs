@@ -26,6 +26,7 @@ pub fn free_port() -> u16 {
 }
 
 /// A child process that is killed when the test ends, whatever happens.
+#[derive(Debug)]
 pub struct Proc {
     pub child: Child,
     pub name: String,

@@ -18,6 +18,7 @@ const READ_BACK_SLACK_MHZ: u32 = 30;
 const MISMATCH_CYCLES: u32 = 2;
 
 /// Owns the clock state of a GPU group (all GPUs of a tensor-parallel vLLM get the same clock).
+#[derive(Debug)]
 pub struct ClockKeeper {
     gpu: Arc<dyn GpuBackend>,
     indices: Vec<u32>,

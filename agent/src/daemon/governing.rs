@@ -13,6 +13,7 @@ use vllm_metrics::Window;
 /// Decisions between two saves of the governor's state.
 const SAVE_EVERY: u64 = 30;
 
+#[derive(Debug)]
 pub struct Steering {
     clocks_mhz: Vec<u32>,
     gpu_model: String,

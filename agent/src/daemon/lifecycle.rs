@@ -32,7 +32,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let (gpu, _sim): (Arc<dyn GpuBackend>, Option<backends::Simulation>) = if opts.simulate {
         let sim = backends::start_simulation(cfg.gpu.indices.len()).await?;
         cfg.gpu.backend = GpuBackendKind::Sim;
-        cfg.gpu.indices = (0..cfg.gpu.indices.len() as u32).collect();
+        cfg.gpu.indices = (0..u32::try_from(cfg.gpu.indices.len()).unwrap_or(u32::MAX)).collect();
         cfg.vllm.metrics_url = sim.metrics_url();
         if opts.config_path.is_none() {
             // No root needed to try it: state and socket in the temp dir.

@@ -21,6 +21,7 @@ const PHASES: [&str; 6] = [
 use vllm_metrics::Window;
 
 /// Every metric the agent exports, registered in one registry.
+#[derive(Debug)]
 pub struct AgentMetrics {
     registry: Registry,
     pub cycles: IntCounter,

@@ -104,6 +104,7 @@ pub type SharedStatus = Arc<RwLock<Status>>;
 pub use lifecycle::{run, ReloadError};
 
 /// The decision loop's state: everything one cycle reads and writes.
+#[derive(Debug)]
 pub struct Agent {
     cfg: Config,
     gpu: Arc<dyn GpuBackend>,
@@ -269,6 +270,8 @@ impl Agent {
         self.metrics.cycles.inc();
         self.metrics.cycle_duration.observe(started.elapsed().as_secs_f64());
         let cycles = self.status_read().cycles + 1;
+        // Rounded and at least 1; `as` saturates.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let every = (SUMMARY_EVERY_S / self.cfg.agent.period_seconds).round().max(1.0) as u64;
         if cycles % every == 0 {
             summarise(window.as_ref(), &samples, self.clocks.applied());

@@ -55,6 +55,7 @@ fn aibrix(st: &super::Status, namespace: &str, deployment: &str) -> Reply {
     }
 }
 
+#[derive(Debug)]
 pub struct AgentRoutes {
     metrics: Arc<AgentMetrics>,
     status: SharedStatus,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use sd_notify::NotifyState;
 use tracing::debug;
 
+#[derive(Debug)]
 pub struct Systemd {
     watchdog: Option<Duration>,
     last_ping: Option<Instant>,

@@ -6,6 +6,7 @@ use prometheus::{Gauge, GaugeVec, Opts, Registry};
 
 use super::Advice;
 
+#[derive(Debug)]
 pub struct AdvisorMetrics {
     demand: GaugeVec,
     arrival: GaugeVec,

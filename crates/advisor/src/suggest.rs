@@ -81,6 +81,8 @@ impl Suggester {
             return s;
         };
         let exact = demand;
+        // Clamped to u32's range first (NaN: 0).
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let desired = exact.ceil().clamp(0.0, f64::from(u32::MAX)) as u32;
         let (mut want, mut why) = (desired, Why::Demand);
         if desired != current && (exact / f64::from(current) - 1.0).abs() <= policy.tolerance {

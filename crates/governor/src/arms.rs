@@ -38,12 +38,10 @@ impl Governor {
         let floor = self.floor_mhz();
         let step = self.cfg.coarse_step_mhz.max(1);
         let mut grid: Vec<u32> = Vec::new();
-        let mut want = i64::from(max);
-        while want >= i64::from(floor) {
-            if let Some(clock) = self.snap(want as u32).filter(|c| *c >= floor && !grid.contains(c)) {
+        for want in std::iter::successors(Some(max), |w| w.checked_sub(step)).take_while(|w| *w >= floor) {
+            if let Some(clock) = self.snap(want).filter(|c| *c >= floor && !grid.contains(c)) {
                 grid.push(clock);
             }
-            want -= i64::from(step);
         }
         grid.sort_unstable();
         grid.into_iter().map(|mhz| Arm::new(mhz, true, self.cfg.lambda)).collect()
@@ -54,6 +52,8 @@ impl Governor {
     pub(crate) fn floor_mhz(&self) -> u32 {
         let min = self.clocks.first().copied().unwrap_or(0);
         let max = self.clocks.last().copied().unwrap_or(0);
+        // Rounded; `as` saturates, and `find` below copes with any value.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let want = (f64::from(max) * self.cfg.min_share_of_max).round() as u32;
         // The smallest supported clock at or above `want`.
         self.clocks.iter().copied().find(|c| *c >= want).unwrap_or(max).max(min)

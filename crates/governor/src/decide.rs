@@ -53,7 +53,7 @@ impl Baseline {
     fn measure(&mut self, sample: Option<f64>, windows: u32) {
         let (None, Some(sample)) = (self.edp, sample) else { return };
         self.samples.push(sample);
-        if self.samples.len() as u32 >= windows.max(1) {
+        if u32::try_from(self.samples.len()).unwrap_or(u32::MAX) >= windows.max(1) {
             let median = reward::median(&self.samples);
             info!(baseline_edp = median, "EDP baseline at the maximum clock measured");
             self.edp = Some(median).filter(|b| b.is_finite() && *b > 0.0);

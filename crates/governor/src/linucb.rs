@@ -129,7 +129,10 @@ impl LinUcb {
         let prior = DMatrix::<f64>::identity(self.dim(), self.dim()) * self.lambda;
         self.a = &prior + (&self.a - &prior) * keep;
         self.b *= keep;
-        self.n = (self.n as f64 * keep).round() as u64;
+        // Rounded, between 0 and the old n (keep is clamped to 0..=1).
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let n = (self.n as f64 * keep).round() as u64;
+        self.n = n;
         self.refactor();
     }
 

@@ -186,12 +186,12 @@ fn clock_changes_are_rate_limited_except_toward_the_maximum() {
     let ds = run(&mut g, &mut env, 60);
     let mut last_change = -100i64;
     let mut prev = ClockTarget::Default;
-    for (i, d) in ds.iter().enumerate() {
+    for (i, d) in (0i64..).zip(&ds) {
         if d.target != prev {
             if locked(d.target) != 1980 {
-                assert!(i as i64 - last_change >= 5, "change at {i} after {last_change}");
+                assert!(i - last_change >= 5, "change at {i} after {last_change}");
             }
-            last_change = i as i64;
+            last_change = i;
             prev = d.target;
         }
     }

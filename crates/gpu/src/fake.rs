@@ -64,7 +64,9 @@ impl FakeGpu {
     }
 
     fn info(&self, index: u32) -> Result<&GpuInfo, GpuError> {
-        self.infos.get(index as usize).ok_or(GpuError::NoSuchGpu { index, count: self.infos.len() as u32 })
+        self.infos
+            .get(index as usize)
+            .ok_or(GpuError::NoSuchGpu { index, count: u32::try_from(self.infos.len()).unwrap_or(u32::MAX) })
     }
 }
 

@@ -64,7 +64,7 @@ pub struct GpuSample {
 }
 
 /// What the daemon needs from a GPU. Implementations are cheap to call from any thread.
-pub trait GpuBackend: Send + Sync {
+pub trait GpuBackend: Send + Sync + std::fmt::Debug {
     /// Short name for logs and metrics: `nvml` or `sim`.
     fn kind(&self) -> &'static str;
     /// The GPUs this backend sees.

@@ -51,7 +51,7 @@ impl NvmlGpu {
 
     fn device(&self, index: u32) -> Result<Device<'_>, GpuError> {
         if !self.infos.iter().any(|i| i.index == index) {
-            return Err(GpuError::NoSuchGpu { index, count: self.infos.len() as u32 });
+            return Err(GpuError::NoSuchGpu { index, count: u32::try_from(self.infos.len()).unwrap_or(u32::MAX) });
         }
         self.nvml.device_by_index(index).map_err(|e| call_err(index, "open", e))
     }
@@ -126,7 +126,7 @@ impl GpuBackend for NvmlGpu {
             .infos
             .iter()
             .find(|i| i.index == index)
-            .ok_or(GpuError::NoSuchGpu { index, count: self.infos.len() as u32 })?;
+            .ok_or(GpuError::NoSuchGpu { index, count: u32::try_from(self.infos.len()).unwrap_or(u32::MAX) })?;
         if !info.sm_clocks_mhz.contains(&mhz) {
             return Err(GpuError::UnsupportedClock { index, mhz, min: info.min_clock(), max: info.max_clock() });
         }

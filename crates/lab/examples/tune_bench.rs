@@ -82,7 +82,7 @@ fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for path in args {
         let space = SearchSpace::load(&PathBuf::from(&path))?;
-        let grid = space.grid_size() as u32 + 1;
+        let grid = u32::try_from(space.grid_size() + 1).unwrap_or(u32::MAX);
         let scores = study(&space, Strategy::Grid, 1, grid, &tmp.path().join("grid"))?;
         let opt = scores.iter().flatten().fold(0.0, |a: f64, b| a.max(*b));
         let budget = grid / 3;

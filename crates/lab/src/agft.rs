@@ -72,14 +72,12 @@ impl Agft {
         clocks.dedup();
         let mut arms = Vec::new();
         if let (Some(&min), Some(&max)) = (clocks.first(), clocks.last()) {
-            let mut want = i64::from(max);
-            while want >= i64::from(min) {
-                if let Some(c) = nearest(&clocks, want as u32) {
+            for want in std::iter::successors(Some(max), |w| w.checked_sub(90)).take_while(|w| *w >= min) {
+                if let Some(c) = nearest(&clocks, want) {
                     if !arms.iter().any(|a: &Arm| a.stats.mhz == c) {
                         arms.push(Arm { stats: ArmStats::new(c), model: LinUcb::new(FEATURES, 5.0) });
                     }
                 }
-                want -= 90;
             }
         }
         arms.sort_by_key(|a| a.stats.mhz);

@@ -276,16 +276,17 @@ pub fn run_bench(trace: &Trace, policy: BenchPolicy, opts: &BenchOptions) -> Res
 /// Sweeps static clocks, picks the best qualifying one per segment and replays that schedule.
 fn oracle(trace: &Trace, opts: &BenchOptions, clocks: &[u32]) -> Result<Run, BenchError> {
     let max = clocks[clocks.len() - 1];
+    // Rounded, as the governor's floor is; `as` saturates.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let floor = (f64::from(max) * GovernorConfig::default().min_share_of_max).round() as u32;
     let mut sweep: Vec<u32> = Vec::new();
-    let mut want = i64::from(max);
-    while want >= i64::from(floor.max(clocks[0])) {
-        if let Some(c) = clocks.iter().copied().min_by_key(|c| c.abs_diff(want as u32)) {
+    let lowest = floor.max(clocks[0]);
+    for want in std::iter::successors(Some(max), |w| w.checked_sub(ORACLE_STEP_MHZ)).take_while(|w| *w >= lowest) {
+        if let Some(c) = clocks.iter().copied().min_by_key(|c| c.abs_diff(want)) {
             if !sweep.contains(&c) {
                 sweep.push(c);
             }
         }
-        want -= i64::from(ORACLE_STEP_MHZ);
     }
     let bounds = trace.segment_bounds();
     // best[segment] = (qualifies, edp, clock)

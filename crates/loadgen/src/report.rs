@@ -119,8 +119,9 @@ fn summary_ms(mut xs: Vec<f64>) -> [f64; 4] {
     let std = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
     let pct = |p: f64| {
         let rank = p / 100.0 * (n - 1.0);
-        let lo = rank.floor() as usize;
-        let hi = rank.ceil() as usize;
+        // rank is in 0..=n-1: both are indices into xs.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
         xs[lo] + (xs[hi] - xs[lo]) * (rank - lo as f64)
     };
     [mean * 1e3, pct(50.0) * 1e3, std * 1e3, pct(99.0) * 1e3]

@@ -90,7 +90,9 @@ impl LengthDist {
                     Err(_) => mean,
                 };
                 // Clamp before the cast: an extreme tail draw must not wrap.
-                x.round().clamp(1.0, f64::from(u32::MAX)) as u32
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let n = x.round().clamp(1.0, f64::from(u32::MAX)) as u32;
+                n
             }
         }
     }

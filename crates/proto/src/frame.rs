@@ -36,8 +36,9 @@ pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtoError> {
     if body.len() > MAX_FRAME {
         return Err(ProtoError::TooLarge(body.len()));
     }
+    let len = u32::try_from(body.len()).map_err(|_| ProtoError::TooLarge(body.len()))?;
     let mut out = Vec::with_capacity(body.len() + 4);
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(&body);
     Ok(out)
 }

@@ -15,3 +15,11 @@ pub mod gpu;
 pub mod server;
 pub mod tune;
 pub mod world;
+
+/// `x` as a u32 exactly as `as` converts it: toward zero, saturating at 0 and `u32::MAX`, NaN
+/// to 0. Callers round first where they mean to round.
+// The crate's f64 -> u32 casts all come here: `as` saturates, which is what every caller wants.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub(crate) fn saturating_u32(x: f64) -> u32 {
+    x as u32
+}

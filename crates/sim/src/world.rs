@@ -13,6 +13,7 @@ use crate::server::{ServerError, SimServer};
 use gpu::GpuBackend;
 use loadgen::Schedule;
 
+#[derive(Debug)]
 pub struct Simulation {
     gpu: Arc<SimGpu>,
     server: SimServer,
@@ -22,7 +23,7 @@ pub struct Simulation {
 impl Simulation {
     /// Starts the simulated vLLM with `gpus` tensor-parallel GPUs and loops the demo load.
     pub async fn start(gpus: usize) -> Result<Simulation, ServerError> {
-        let gpu = Arc::new(SimGpu::h100(gpus.max(1) as u32));
+        let gpu = Arc::new(SimGpu::h100(u32::try_from(gpus.max(1)).unwrap_or(u32::MAX)));
         let cfg = EngineConfig::default();
         let model = cfg.model_name.clone();
         let server = SimServer::start(cfg, gpu.clone(), SocketAddr::from(([127, 0, 0, 1], 0))).await?;

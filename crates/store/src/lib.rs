@@ -13,6 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{de::DeserializeOwned, Serialize};
 use tracing::warn;
 
+/// One raw key and value, as [`Store::scan_raw`] returns them.
+pub type RawEntry = (Vec<u8>, Vec<u8>);
+
 /// Where the schema version is kept (4 bytes, big-endian).
 pub const VERSION_KEY: &[u8] = b"__schema_version";
 
@@ -218,7 +221,7 @@ impl Store {
     }
 
     /// Keys and raw values under `prefix`, in key order.
-    pub fn scan_raw(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan_raw(&self, prefix: &[u8]) -> Result<Vec<RawEntry>, StoreError> {
         self.db
             .scan_prefix(prefix)
             .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(|e| self.db_err(e)))

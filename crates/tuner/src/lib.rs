@@ -16,6 +16,14 @@ pub mod strategy;
 pub mod study;
 pub mod trial;
 
+/// `x` as a u32 exactly as `as` converts it: toward zero, saturating at 0 and `u32::MAX`, NaN
+/// to 0. Callers round first where they mean to round.
+// The crate's f64 -> u32 casts all come here: `as` saturates, which is what every caller wants.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub(crate) fn saturating_u32(x: f64) -> u32 {
+    x as u32
+}
+
 pub use server::ServerFactory;
 pub use space::{SearchSpace, Strategy};
 pub use study::{run_study, StudyConfig, TuneError};

@@ -152,7 +152,7 @@ where
         // Nothing above the saturation throughput can be sustained: it bounds the bracket.
         let (mut lo, mut hi) = (0.0f64, saturation);
         let mut rate = saturation * 0.9;
-        while (runs.len() as u32) < max_runs {
+        while u32::try_from(runs.len()).unwrap_or(u32::MAX) < max_runs {
             let r = run(Some(rate)).await?;
             let ok = r.passed;
             runs.push(r);

@@ -30,6 +30,18 @@ pub struct StartRequest<'a> {
     pub hook: &'a GroupHook,
 }
 
+// By hand: the hook is a closure, which has no `Debug`.
+impl std::fmt::Debug for StartRequest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartRequest")
+            .field("model", &self.model)
+            .field("flags", &self.flags)
+            .field("gpu_set", &self.gpu_set)
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One load run.
 #[derive(Debug, Clone)]
 pub struct LoadRun {

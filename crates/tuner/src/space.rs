@@ -108,13 +108,18 @@ impl Parameter {
             return opts.iter().map(flag_value).collect();
         }
         let Some(r) = &self.range else { return Vec::new() };
-        let n = ((r.end - r.start) / r.step + 1e-9).floor() as i64;
+        // At most 10 000 (`validate`); below 0 (end before start) saturates to 0, the start
+        // alone, as `max(0)` did.
+        let n = crate::saturating_u32(((r.end - r.start) / r.step + 1e-9).floor());
         let integral = [r.start, r.end, r.step].iter().all(|x| x.fract() == 0.0);
-        (0..=n.max(0))
+        (0..=n)
             .map(|i| {
-                let v = r.start + r.step * i as f64;
+                let v = r.start + r.step * f64::from(i);
                 if integral {
-                    format!("{}", v as i64)
+                    // A whole number printed without ".0"; `as` saturates past i64's range.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let whole = v as i64;
+                    format!("{whole}")
                 } else {
                     // Round away float noise: 0.1 + 2 x 0.1 is printed 0.3.
                     format!("{}", (v * 1e6).round() / 1e6)
@@ -383,7 +388,7 @@ impl SearchSpace {
         if !rows.is_empty() {
             let n = rows.len() as f64;
             let mean = |f: fn(&(u32, u32)) -> u32| {
-                (rows.iter().map(|r| f64::from(f(r))).sum::<f64>() / n).round().max(1.0) as u32
+                crate::saturating_u32((rows.iter().map(|r| f64::from(f(r))).sum::<f64>() / n).round().max(1.0))
             };
             w.push(Workload {
                 bucket: Bucket { input_tokens: mean(|r| r.0), output_tokens: mean(|r| r.1) },

@@ -44,7 +44,8 @@ pub fn grid_point(dims: &[Dim], mut i: u64) -> Point {
     let mut p = vec![0; dims.len()];
     for (d, slot) in dims.iter().zip(p.iter_mut()).rev() {
         let n = d.len.max(1) as u64;
-        *slot = (i % n) as usize;
+        // Below `d.len`, a usize.
+        *slot = usize::try_from(i % n).unwrap_or(usize::MAX);
         i /= n;
     }
     p
@@ -139,6 +140,8 @@ fn tpe(dims: &[Dim], history: &[Observed], taken: &HashSet<&Point>, rng: &mut St
         history.iter().map(|o| (&o.point, o.score.unwrap_or(f64::NEG_INFINITY))).collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     let n = ranked.len();
+    // At most n (the share is below 1), so the cast is exact.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let n_good = ((TPE_GAMMA * n as f64).ceil() as usize).clamp(1, n.saturating_sub(1).max(1));
     let (good, bad) = ranked.split_at(n_good);
     let l: Vec<Vec<f64>> = dims

@@ -43,7 +43,7 @@ pub enum TuneError {
 }
 
 /// A study to run.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct StudyConfig {
     pub space: SearchSpace,
     /// The launch command as given (`sim` for the simulator): part of the study's identity.
@@ -56,6 +56,11 @@ pub struct StudyConfig {
 
 /// Shared progress, read by `agentctl tune status` and the standalone progress line.
 pub type SharedProgress = Arc<Mutex<TuneProgress>>;
+
+/// A count of trials as the progress reports it (u32, as trial ids are).
+fn count_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
 
 fn update(p: &SharedProgress, f: impl FnOnce(&mut TuneProgress)) {
     if let Ok(mut g) = p.lock() {
@@ -103,7 +108,8 @@ fn baseline_flags(space: &SearchSpace, gmu: f64) -> BTreeMap<String, String> {
 
 /// Trials a study runs, baseline included: `study.trials`, or every grid point and the baseline.
 pub fn budget(space: &SearchSpace) -> u32 {
-    u64::from(space.study.trials).min(space.grid_size() + 1) as u32
+    // At most `study.trials`, a u32.
+    u32::try_from(u64::from(space.study.trials).min(space.grid_size() + 1)).unwrap_or(space.study.trials)
 }
 
 /// Runs (or resumes) a study to the end, or until `cancel` turns true.
@@ -182,12 +188,12 @@ pub async fn run_study(
     let mut free: Vec<usize> = (0..sets.len()).rev().collect();
     let mut running: JoinSet<(TrialRecord, usize)> = JoinSet::new();
     let mut pending: Vec<(u32, Option<Point>)> = Vec::new();
-    let searched = |recs: &[TrialRecord]| recs.iter().filter(|r| r.kind != TrialKind::Profile).count() as u32;
+    let searched = |recs: &[TrialRecord]| count_u32(recs.iter().filter(|r| r.kind != TrialKind::Profile).count());
     show(&progress, &records);
     update(&progress, |p| p.phase = StudyPhase::Trials);
     loop {
         while let Some(&set) = free.last() {
-            if searched(&records) + pending.len() as u32 >= budget {
+            if searched(&records) + count_u32(pending.len()) >= budget {
                 break;
             }
             let has_baseline =
@@ -232,7 +238,7 @@ pub async fn run_study(
                 (rec, set)
             });
         }
-        update(&progress, |p| p.running = running.len() as u32);
+        update(&progress, |p| p.running = count_u32(running.len()));
         if running.is_empty() {
             break;
         }
@@ -363,8 +369,8 @@ fn show(progress: &SharedProgress, records: &[TrialRecord]) {
     let searched: Vec<&TrialRecord> = records.iter().filter(|r| r.kind != TrialKind::Profile).collect();
     let best = report::best(records);
     update(progress, |p| {
-        p.trials_done = searched.len() as u32;
-        p.trials_failed = searched.iter().filter(|r| r.score.is_none()).count() as u32;
+        p.trials_done = count_u32(searched.len());
+        p.trials_failed = count_u32(searched.iter().filter(|r| r.score.is_none()).count());
         p.best_score = best.and_then(|b| b.score);
         p.best_flags = best.map(|b| b.flags.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default();
         p.baseline_score = searched.iter().find(|r| r.kind == TrialKind::Baseline).and_then(|r| r.score);

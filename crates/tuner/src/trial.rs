@@ -123,7 +123,7 @@ pub fn schedule(load: &LoadSpec, w: &Workload, rate: Option<f64>) -> Schedule {
     }
     let bucket = &w.bucket;
     let len = |n: u32| {
-        let spread = (f64::from(n) * load.length_spread).round() as u32;
+        let spread = crate::saturating_u32((f64::from(n) * load.length_spread).round());
         if spread == 0 {
             LengthDist::Fixed(n)
         } else {
@@ -138,7 +138,7 @@ pub fn schedule(load: &LoadSpec, w: &Workload, rate: Option<f64>) -> Schedule {
 }
 
 fn prefix_tokens(load: &LoadSpec, bucket: &Bucket) -> u32 {
-    (f64::from(bucket.input_tokens) * load.prefix_share).round() as u32
+    crate::saturating_u32((f64::from(bucket.input_tokens) * load.prefix_share).round())
 }
 
 /// Everything a trial needs besides its flags.
@@ -147,6 +147,16 @@ pub struct TrialContext {
     pub space: Arc<SearchSpace>,
     pub servers: Arc<dyn ServerFactory>,
     pub hook: GroupHook,
+}
+
+// By hand: the hook is a closure, which has no `Debug`.
+impl std::fmt::Debug for TrialContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrialContext")
+            .field("space", &self.space)
+            .field("servers", &self.servers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TrialContext {

@@ -71,7 +71,7 @@ impl EngineConfig {
         if kv_cache_gib <= 0.0 || kv_cache_gib * GIB < block_bytes {
             return Err(SimError::NoCacheBlocks);
         }
-        let num_gpu_blocks = (kv_cache_gib * GIB / block_bytes) as u32;
+        let num_gpu_blocks = crate::saturating_u32(kv_cache_gib * GIB / block_bytes);
         let kv_tokens = u64::from(num_gpu_blocks) * u64::from(self.block_size);
         if kv_tokens < u64::from(self.max_model_len) {
             return Err(SimError::KvTooSmall { max_model_len: self.max_model_len, kv_tokens });

@@ -219,8 +219,8 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         let total = self.plan.num_gpu_blocks.max(1);
         EngineStats {
-            running: self.running.len() as u32,
-            waiting: self.waiting.len() as u32,
+            running: u32::try_from(self.running.len()).unwrap_or(u32::MAX),
+            waiting: u32::try_from(self.waiting.len()).unwrap_or(u32::MAX),
             kv_cache_usage: f64::from(total - self.free_blocks) / f64::from(total),
             now: self.now,
         }
@@ -318,7 +318,7 @@ mod tests {
         for _ in 0..n {
             e.submit(req(500, 1000));
         }
-        assert_eq!(drain(&mut e) as u32, n);
+        assert_eq!(u32::try_from(drain(&mut e)), Ok(n));
         assert!(e.m.preemptions > 0, "expected preemptions with {blocks} blocks");
         assert_eq!(e.stats().kv_cache_usage, 0.0, "all blocks freed");
     }

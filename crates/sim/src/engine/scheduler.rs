@@ -67,7 +67,7 @@ impl Engine {
         }
 
         // 2. Waiting requests, first come first served, while seats, budget and blocks last.
-        while budget > 0 && (self.running.len() as u32) < self.cfg.max_num_seqs {
+        while budget > 0 && u32::try_from(self.running.len()).unwrap_or(u32::MAX) < self.cfg.max_num_seqs {
             let Some(&id) = self.waiting.front() else { break };
             let Some(r) = self.reqs.get(&id) else {
                 self.waiting.pop_front();

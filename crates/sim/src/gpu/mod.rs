@@ -200,10 +200,10 @@ impl GpuBackend for SimGpu {
             mem_clock_mhz: MEM_CLOCK_MHZ,
             power_w: st.last_watts,
             energy_j: st.energy_j[index as usize],
-            gpu_util_pct: (st.busy_share * 100.0).round() as u32,
-            mem_util_pct: (st.memory_share * 100.0).round() as u32,
+            gpu_util_pct: crate::saturating_u32((st.busy_share * 100.0).round()),
+            mem_util_pct: crate::saturating_u32((st.memory_share * 100.0).round()),
             // Roughly what an air-cooled H100 shows: ~35 C idle, ~75 C at the power cap.
-            temperature_c: (30.0 + st.last_watts * 0.065).round() as u32,
+            temperature_c: crate::saturating_u32((30.0 + st.last_watts * 0.065).round()),
             throttle_reasons: throttle,
         })
     }

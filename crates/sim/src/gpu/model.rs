@@ -177,8 +177,8 @@ fn wls2(rows: &[(f64, f64, f64, f64)]) -> Option<(f64, f64)> {
 }
 
 fn steps(from: f64, to: f64, step: f64) -> impl Iterator<Item = f64> {
-    let n = ((to - from) / step).round() as usize;
-    (0..=n).map(move |i| from + step * i as f64)
+    let n = crate::saturating_u32(((to - from) / step).round());
+    (0..=n).map(move |i| from + step * f64::from(i))
 }
 
 impl PowerModel {
