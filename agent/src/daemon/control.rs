@@ -164,7 +164,7 @@ impl Agent {
             period_s: self.cfg.agent.period_seconds,
             cycles: st.cycles,
             mode: st.mode,
-            phase: st.phase.map(governor_phase),
+            phase: st.phase,
             locked_mhz: match self.clocks.applied() {
                 ClockTarget::Default => None,
                 ClockTarget::Locked(m) => Some(m),
@@ -178,17 +178,5 @@ impl Agent {
             governor,
             last_error: st.last_error.clone(),
         }
-    }
-}
-
-fn governor_phase(p: governor::Phase) -> proto::GovernorPhase {
-    use governor::Phase;
-    match p {
-        Phase::Explore => proto::GovernorPhase::Explore,
-        Phase::Exploit => proto::GovernorPhase::Exploit,
-        Phase::Fallback => proto::GovernorPhase::Fallback,
-        Phase::Idle => proto::GovernorPhase::Idle,
-        Phase::Observe => proto::GovernorPhase::Observe,
-        Phase::Pinned => proto::GovernorPhase::Pinned,
     }
 }

@@ -9,15 +9,6 @@ use prometheus::{
 use governor::{Decision, Phase};
 use gpu::GpuSample;
 
-/// Every phase, so the phase gauge always has the full set of series.
-const PHASES: [&str; 6] = [
-    Phase::Explore.as_str(),
-    Phase::Exploit.as_str(),
-    Phase::Fallback.as_str(),
-    Phase::Idle.as_str(),
-    Phase::Observe.as_str(),
-    Phase::Pinned.as_str(),
-];
 use vllm_metrics::Window;
 
 /// Every metric the agent exports, registered in one registry.
@@ -263,8 +254,9 @@ impl AgentMetrics {
     /// Records one governor decision.
     pub fn record_decision(&self, d: &Decision) {
         self.decisions.inc();
-        for p in PHASES {
-            self.phase.with_label_values(&[p]).set(if p == d.phase.as_str() { 1.0 } else { 0.0 });
+        // Every phase, so the phase gauge always has the full set of series.
+        for p in Phase::ALL {
+            self.phase.with_label_values(&[p.as_str()]).set(if p == d.phase { 1.0 } else { 0.0 });
         }
         if let Some(r) = d.reward {
             self.reward.set(r);

@@ -16,26 +16,5 @@ pub enum ClockTarget {
 /// `Observe`: a governor consulted then only learns).
 pub use objectives::{Mode, ModeError};
 
-/// What the governor did this cycle (exported as a metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    Explore,
-    Exploit,
-    Fallback,
-    Idle,
-    Observe,
-    Pinned,
-}
-
-impl Phase {
-    pub const fn as_str(&self) -> &'static str {
-        match self {
-            Phase::Explore => "explore",
-            Phase::Exploit => "exploit",
-            Phase::Fallback => "fallback",
-            Phase::Idle => "idle",
-            Phase::Observe => "observe",
-            Phase::Pinned => "pinned",
-        }
-    }
-}
+/// What the governor did this cycle: the agent's one phase type (metric label, status, wire).
+pub use objectives::Phase;

@@ -7,4 +7,4 @@ mod mode;
 pub mod profile;
 
 pub use latency::Objectives;
-pub use mode::{Mode, ModeError};
+pub use mode::{Mode, ModeError, Phase};

@@ -1,5 +1,6 @@
-//! What the agent does with the GPU clocks: the one mode type of the config file, the control
-//! protocol, the daemon and the governor.
+//! What the agent is asked to do with the GPU clocks ([`Mode`]) and what the governor did in a
+//! cycle ([`Phase`]): one type each for the config file, the control protocol, the daemon, its
+//! metrics and the governor.
 
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +73,40 @@ impl TryFrom<String> for Mode {
     type Error = ModeError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         s.parse()
+    }
+}
+
+/// What the governor did in a cycle (the `phase` label of its metrics, `agentctl status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Explore,
+    Exploit,
+    Fallback,
+    Idle,
+    Observe,
+    Pinned,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 6] =
+        [Phase::Explore, Phase::Exploit, Phase::Fallback, Phase::Idle, Phase::Observe, Phase::Pinned];
+
+    pub const fn as_str(&self) -> &'static str {
+        match self {
+            Phase::Explore => "explore",
+            Phase::Exploit => "exploit",
+            Phase::Fallback => "fallback",
+            Phase::Idle => "idle",
+            Phase::Observe => "observe",
+            Phase::Pinned => "pinned",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

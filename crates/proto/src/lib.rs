@@ -39,32 +39,7 @@ pub struct Welcome {
 
 /// The clock mode (`slo`, `edp`, `observe`, `default`, `pinned:MHZ`): the agent's one mode
 /// type, shared with the config and the governor.
-pub use objectives::{Mode, ModeError};
-
-/// What the governor did in the last cycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GovernorPhase {
-    Explore,
-    Exploit,
-    Fallback,
-    Idle,
-    Observe,
-    Pinned,
-}
-
-impl std::fmt::Display for GovernorPhase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            GovernorPhase::Explore => "explore",
-            GovernorPhase::Exploit => "exploit",
-            GovernorPhase::Fallback => "fallback",
-            GovernorPhase::Idle => "idle",
-            GovernorPhase::Observe => "observe",
-            GovernorPhase::Pinned => "pinned",
-        })
-    }
-}
+pub use objectives::{Mode, ModeError, Phase};
 
 /// Where a study stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -309,7 +284,7 @@ pub struct StatusReport {
     pub period_s: f64,
     pub cycles: u64,
     pub mode: Mode,
-    pub phase: Option<GovernorPhase>,
+    pub phase: Option<Phase>,
     pub locked_mhz: Option<u32>,
     pub vllm_url: String,
     pub vllm_up: bool,

@@ -32,7 +32,7 @@ fn samples() -> Vec<(&'static str, Vec<u8>)> {
         period_s: 1.0,
         cycles: 12,
         mode: Mode::Pinned(1200),
-        phase: Some(GovernorPhase::Exploit),
+        phase: Some(Phase::Exploit),
         locked_mhz: Some(1200),
         vllm_url: "http://127.0.0.1:8000/metrics".into(),
         vllm_up: true,
