@@ -312,7 +312,7 @@ impl Agent {
             }
             Err(e) => {
                 if !self.replicas_error {
-                    warn!(error = %e, "replica count unknown: no suggestion until it can be read");
+                    warn!(error = %crate::error_chain(&e), "replica count unknown: no suggestion until it can be read");
                 }
                 self.replicas_error = true;
                 None

@@ -277,8 +277,21 @@ fn explain(
     out.join("; ")
 }
 
+/// Why the replica count cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicasError {
+    #[error("advisor.replicas_file {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("advisor.replicas_file {path}: no replica count (want a number or a line gpu-agent/replicas=\"N\")")]
+    NoCount { path: std::path::PathBuf },
+}
+
 /// The current replica count: `replicas_file` (re-read each call) wins over `replicas`.
-pub fn current_replicas(cfg: &AdvisorConfig) -> Result<Option<u32>, String> {
+pub fn current_replicas(cfg: &AdvisorConfig) -> Result<Option<u32>, ReplicasError> {
     match &cfg.replicas_file {
         Some(path) => read_replicas_file(path).map(Some),
         None => Ok(cfg.replicas),
@@ -286,8 +299,8 @@ pub fn current_replicas(cfg: &AdvisorConfig) -> Result<Option<u32>, String> {
 }
 
 /// A number alone, or a downward-API annotations file with `gpu-agent/replicas="N"`.
-pub fn read_replicas_file(path: &Path) -> Result<u32, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("advisor.replicas_file {}: {e}", path.display()))?;
+pub fn read_replicas_file(path: &Path) -> Result<u32, ReplicasError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ReplicasError::Read { path: path.to_owned(), source })?;
     let value = match text.trim().parse::<u32>() {
         Ok(n) => Some(n),
         Err(_) => text.lines().find_map(|l| {
@@ -297,10 +310,7 @@ pub fn read_replicas_file(path: &Path) -> Result<u32, String> {
     };
     match value {
         Some(n) if n > 0 => Ok(n),
-        _ => Err(format!(
-            "advisor.replicas_file {}: no replica count (want a number or a line gpu-agent/replicas=\"N\")",
-            path.display()
-        )),
+        _ => Err(ReplicasError::NoCount { path: path.to_owned() }),
     }
 }
 

@@ -85,17 +85,20 @@ fn replicas_file_reads_a_number_or_a_downward_api_annotation() {
     let dir = tempfile::tempdir().expect("tempdir");
     let f = dir.path().join("replicas");
     std::fs::write(&f, "4\n").expect("write");
-    assert_eq!(read_replicas_file(&f), Ok(4));
+    assert_eq!(read_replicas_file(&f).expect("a number"), 4);
     std::fs::write(&f, "kubernetes.io/config.seen=\"x\"\ngpu-agent/replicas=\"6\"\n").expect("write");
-    assert_eq!(read_replicas_file(&f), Ok(6));
+    assert_eq!(read_replicas_file(&f).expect("an annotation"), 6);
     std::fs::write(&f, "0").expect("write");
-    assert!(read_replicas_file(&f).expect_err("zero").contains("no replica count"));
+    assert!(read_replicas_file(&f).expect_err("zero").to_string().contains("no replica count"));
     let e = read_replicas_file(&dir.path().join("missing")).expect_err("missing");
-    assert!(e.contains("advisor.replicas_file"), "{e}");
+    assert!(matches!(&e, ReplicasError::Read { .. }) && e.to_string().contains("advisor.replicas_file"), "{e}");
     let c = AdvisorConfig { replicas: Some(2), replicas_file: Some(f.clone()), ..AdvisorConfig::default() };
     std::fs::write(&f, "5").expect("write");
-    assert_eq!(current_replicas(&c), Ok(Some(5)));
-    assert_eq!(current_replicas(&AdvisorConfig { replicas: Some(2), ..AdvisorConfig::default() }), Ok(Some(2)));
+    assert_eq!(current_replicas(&c).expect("read"), Some(5));
+    assert_eq!(
+        current_replicas(&AdvisorConfig { replicas: Some(2), ..AdvisorConfig::default() }).expect("fixed"),
+        Some(2)
+    );
 }
 
 /// The cost of one advisor cycle (demand, model refit, capacity from both sources by

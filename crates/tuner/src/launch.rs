@@ -311,7 +311,7 @@ fn hit_rate(before: Option<&Snapshot>, after: Option<&Snapshot>) -> Option<f64> 
 impl ServerFactory for Launcher {
     fn start<'a>(&'a self, req: StartRequest<'a>) -> BoxFuture<'a, Result<Box<dyn TrialServer>, StartFailure>> {
         Box::pin(async move {
-            let port = free_port().map_err(StartFailure::Spawn)?;
+            let port = free_port().map_err(|e| StartFailure::Spawn(format!("no free port: {e}")))?;
             let hook = Arc::clone(req.hook);
             let server = self.spawn(req.model, req.flags, req.gpu_set, port, req.log, |g| hook(g, true)).await?;
             Ok(Box::new(ProcessServer {

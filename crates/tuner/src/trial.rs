@@ -220,11 +220,8 @@ impl TrialContext {
 }
 
 /// A free loopback port (bound, then released for the server).
-pub fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
+pub fn free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port())
 }
 
 /// The score of a finished trial: throughput at the best passing rate, 0 when none passed.
