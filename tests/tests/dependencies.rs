@@ -17,7 +17,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("gpu", &[]),
     ("vllm-metrics", &[]),
     ("store", &[]),
-    ("loadgen", &[]),
+    ("loadgen", &["objectives"]),
     ("governor", &["objectives", "store", "vllm-metrics"]),
     ("advisor", &["objectives", "vllm-metrics"]),
     ("tuner", &["loadgen", "objectives", "proto", "store", "vllm-metrics"]),

@@ -16,8 +16,9 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info};
 
-use crate::report::{LoadReport, RequestOutcome, RequestRate, Slo};
+use crate::report::{LoadReport, RequestOutcome, RequestRate};
 use crate::schedule::{Arrival, Schedule};
+use objectives::LatencyLimits;
 
 /// Token ids drawn for synthetic prompts: clear of special tokens, inside any common vocabulary.
 const TOKEN_IDS: std::ops::Range<u32> = 1000..30000;
@@ -40,7 +41,7 @@ pub struct LoadOptions {
     /// Stop sending at this point and cancel what is still running (counted as failed).
     pub deadline: Option<Duration>,
     /// Objectives for `request_goodput`.
-    pub slo: Slo,
+    pub slo: LatencyLimits,
     /// When > 0, every prompt starts with the same this many tokens (prefix-cache sharing).
     pub shared_prefix_tokens: u32,
 }

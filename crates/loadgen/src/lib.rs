@@ -5,5 +5,6 @@ pub mod report;
 pub mod schedule;
 
 pub use http::{run_http, LoadError, LoadOptions};
-pub use report::{LoadReport, RequestOutcome, RequestRate, Slo};
+pub use objectives::LatencyLimits;
+pub use report::{LoadReport, RequestOutcome, RequestRate};
 pub use schedule::{Arrival, Arrivals, LengthDist, Pace, Schedule, ScheduleError, Segment};

@@ -1,6 +1,7 @@
 //! Per-request outcomes and the summary report, with `vllm bench serve`'s JSON key names so the
 //! same tooling reads both.
 
+use objectives::LatencyLimits;
 use serde::{Serialize, Serializer};
 
 /// What one request measured. Times in seconds.
@@ -30,25 +31,6 @@ impl RequestOutcome {
         } else {
             0.0
         }
-    }
-}
-
-/// Latency objectives for goodput, in milliseconds; `None` means no limit on that measure.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Slo {
-    pub ttft_ms: Option<f64>,
-    pub tpot_ms: Option<f64>,
-    pub e2el_ms: Option<f64>,
-}
-
-impl Slo {
-    pub fn is_set(&self) -> bool {
-        self.ttft_ms.is_some() || self.tpot_ms.is_some() || self.e2el_ms.is_some()
-    }
-
-    fn met_by(&self, o: &RequestOutcome) -> bool {
-        let ok = |limit: Option<f64>, secs: f64| !matches!(limit, Some(l) if secs * 1000.0 > l);
-        ok(self.ttft_ms, o.ttft) && ok(self.tpot_ms, o.tpot()) && ok(self.e2el_ms, o.e2el)
     }
 }
 
@@ -134,7 +116,7 @@ impl LoadReport {
         duration: f64,
         request_rate: RequestRate,
         max_concurrency: Option<usize>,
-        slo: &Slo,
+        slo: &LatencyLimits,
     ) -> LoadReport {
         let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.success).collect();
         let completed = ok.len() as u64;
@@ -151,7 +133,7 @@ impl LoadReport {
         let tpot = summary_ms(ok.iter().filter(|o| o.output_tokens > 1).map(|o| o.tpot()).collect());
         let itl = summary_ms(ok.iter().flat_map(|o| o.itl.iter().copied()).collect());
         let e2el = summary_ms(ok.iter().map(|o| o.e2el).collect());
-        let good = ok.iter().filter(|o| slo.met_by(o)).count();
+        let good = ok.iter().filter(|o| slo.met_by(o.ttft, o.tpot(), o.e2el)).count();
         LoadReport {
             num_prompts: outcomes.len() as u64,
             completed,
@@ -216,7 +198,7 @@ mod tests {
     #[test]
     fn report_counts_throughput_and_goodput() {
         let outs = vec![ok(0.1, 1.1, 11), ok(0.5, 2.5, 5), RequestOutcome::failed(10, "HTTP 500")];
-        let slo = Slo { ttft_ms: Some(200.0), ..Default::default() };
+        let slo = LatencyLimits { ttft_ms: Some(200.0), ..Default::default() };
         let r = LoadReport::from_outcomes(&outs, 2.0, RequestRate::PerSecond(1.5), None, &slo);
         assert_eq!((r.num_prompts, r.completed, r.failed), (3, 2, 1));
         assert_eq!((r.total_input_tokens, r.total_output_tokens), (20, 16));
@@ -246,7 +228,7 @@ mod tests {
         ] {
             assert!(json.get(key).is_some(), "missing {key}");
         }
-        let inf = LoadReport::from_outcomes(&outs, 2.0, RequestRate::Infinite, Some(4), &Slo::default());
+        let inf = LoadReport::from_outcomes(&outs, 2.0, RequestRate::Infinite, Some(4), &LatencyLimits::default());
         let json = serde_json::to_value(&inf).expect("serialize");
         assert_eq!(json["request_rate"], "inf");
         assert!(json["request_goodput"].is_null());

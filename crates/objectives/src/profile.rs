@@ -8,6 +8,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::LatencyLimits;
+
 /// Bump when a field changes meaning; older files are refused with a clear message.
 pub const PROFILE_SCHEMA: u32 = 1;
 
@@ -21,13 +23,24 @@ pub enum ProfileError {
     Invalid { path: String, message: String },
 }
 
-/// The latency limits the capacities were measured under (seconds; None: no limit).
+/// The [`LatencyLimits`] the capacities were measured under, as the profile writes them
+/// (seconds, P99; None: no limit).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileLimits {
     pub e2e_p99_s: Option<f64>,
     pub ttft_p99_s: Option<f64>,
     pub tpot_p99_s: Option<f64>,
+}
+
+impl From<LatencyLimits> for ProfileLimits {
+    fn from(l: LatencyLimits) -> Self {
+        ProfileLimits {
+            e2e_p99_s: l.e2e_ms.map(|v| v / 1e3),
+            ttft_p99_s: l.ttft_ms.map(|v| v / 1e3),
+            tpot_p99_s: l.tpot_ms.map(|v| v / 1e3),
+        }
+    }
 }
 
 /// The highest request rate one replica sustains within the limits for one length bucket.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use gpu::GpuBackend;
-use loadgen::{LoadReport, RequestRate, Schedule, Slo};
+use loadgen::{LatencyLimits, LoadReport, RequestRate, Schedule};
 use tuner::server::{BoxFuture, LoadRun, RunError, ServerFactory, StartRequest, TrialServer};
 use tuner::trial::StartFailure;
 use vllm_metrics::Snapshot;
@@ -80,7 +80,7 @@ impl VirtualServer {
         schedule: &Schedule,
         seed: u64,
         prefix_tokens: u32,
-        slo: &Slo,
+        slo: &LatencyLimits,
     ) -> Result<(LoadReport, Option<f64>), StartFailure> {
         let gpu = Arc::new(SimGpu::h100(self.cfg.tensor_parallel_size.max(1)));
         if let Some(mhz) = self.clock {
@@ -136,7 +136,7 @@ mod tests {
     fn virtual_time_run_reports_like_the_http_driver() {
         let s = VirtualServer::start("m", &flags(&[("max-num-seqs", "8")])).expect("starts");
         let sched = Schedule::infinite_rate(40, LengthDist::Fixed(256), LengthDist::Fixed(32));
-        let (r, hit) = s.run(&sched, 1, 128, &Slo::default()).expect("runs");
+        let (r, hit) = s.run(&sched, 1, 128, &LatencyLimits::default()).expect("runs");
         assert_eq!((r.completed, r.failed), (40, 0));
         assert_eq!(r.total_output_tokens, 40 * 32);
         assert!(r.p99_e2el_ms > r.median_e2el_ms && r.p99_ttft_ms > 0.0);
@@ -144,7 +144,7 @@ mod tests {
         assert!(r.p99_ttft_ms > 3.0 * r.median_tpot_ms * 32.0, "{} vs {}", r.p99_ttft_ms, r.median_tpot_ms);
         assert!(hit.is_some_and(|h| h > 0.3), "{hit:?}");
         let more = VirtualServer::start("m", &flags(&[("max-num-seqs", "64")])).expect("starts");
-        let (r2, _) = more.run(&sched, 1, 128, &Slo::default()).expect("runs");
+        let (r2, _) = more.run(&sched, 1, 128, &LatencyLimits::default()).expect("runs");
         assert!(r2.request_throughput > r.request_throughput * 1.5);
     }
 }

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::path::Path;
 use std::pin::Pin;
 
-use loadgen::{LoadReport, Schedule, Slo};
+use loadgen::{LatencyLimits, LoadReport, Schedule};
 
 use crate::trial::{GroupHook, StartFailure};
 
@@ -49,7 +49,7 @@ pub struct LoadRun {
     pub seed: u64,
     /// Tokens at the start of each prompt shared by all requests (prefix-cache hits).
     pub prefix_tokens: u32,
-    pub slo: Slo,
+    pub slo: LatencyLimits,
 }
 
 /// Why a load run gave no report.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use loadgen::Slo;
+use loadgen::LatencyLimits;
 
 /// A space file that cannot be used. The message names the field.
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +233,8 @@ fn one() -> u64 {
     1
 }
 
-/// The limits a request rate must keep (milliseconds, P99 over the run).
+/// `[limits]` as the search space writes them: the latency limits a rate must keep at P99 over
+/// the run (milliseconds), and a prefix-cache hit rate it must reach.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -245,9 +246,9 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The same limits as goodput objectives for the load report.
-    pub fn slo(&self) -> Slo {
-        Slo { ttft_ms: self.p99_ttft_ms, tpot_ms: self.p99_tpot_ms, e2el_ms: self.p99_e2el_ms }
+    /// The latency limits (also the load report's goodput limits).
+    pub fn latency(&self) -> LatencyLimits {
+        LatencyLimits { ttft_ms: self.p99_ttft_ms, tpot_ms: self.p99_tpot_ms, e2e_ms: self.p99_e2el_ms }
     }
 }
 
@@ -529,7 +530,7 @@ impl SearchSpace {
                 return Err(format!("field `limits.min_prefix_cache_hit_rate`: {h} must be in [0, 1]"));
             }
         }
-        if !lim.slo().is_set() {
+        if !lim.latency().is_set() {
             return Err("field `limits`: set at least one of p99_e2el_ms, p99_ttft_ms, p99_tpot_ms".into());
         }
         Ok(())

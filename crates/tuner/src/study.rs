@@ -433,11 +433,7 @@ fn capacity_profile(space: &SearchSpace, servers: &dyn ServerFactory, rec: &Tria
         gpu,
         sm_clock_mhz: rec.flags.get("sim-sm-clock").and_then(|v| v.parse().ok()),
         flags: rec.flags.clone(),
-        limits: ProfileLimits {
-            e2e_p99_s: l.p99_e2el_ms.map(|v| v / 1e3),
-            ttft_p99_s: l.p99_ttft_ms.map(|v| v / 1e3),
-            tpot_p99_s: l.p99_tpot_ms.map(|v| v / 1e3),
-        },
+        limits: ProfileLimits::from(l.latency()),
         created_unix: now_unix(),
         buckets,
     })

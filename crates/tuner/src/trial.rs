@@ -190,7 +190,7 @@ impl TrialContext {
         log: &Path,
     ) -> (TrialStatus, Vec<(Bucket, RateSearch)>) {
         let space = &self.space;
-        let (slo, limits) = (space.limits.slo(), space.limits);
+        let (slo, limits) = (space.limits.latency(), space.limits);
         let (runs, tol) = (space.study.max_rate_runs, space.study.rate_tolerance);
         let mut out = Vec::new();
         let server = match self.servers.start(self.start_request(flags, gpu_set, log)).await {
