@@ -233,7 +233,9 @@ async fn write_frame<T: serde::Serialize>(s: &mut UnixStream, v: &T) -> Result<(
     Ok(())
 }
 
-fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+/// An error answer: how every refusal and failure reaches the wire (the socket layer's, and the
+/// daemon's request handlers').
+pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error { kind, message: message.into() }
 }
 

@@ -8,11 +8,11 @@ use super::Agent;
 use objectives::Mode;
 
 fn failed(message: impl Into<String>) -> Response {
-    Response::Error { kind: ErrorKind::Failed, message: message.into() }
+    crate::control::error(ErrorKind::Failed, message)
 }
 
 fn bad(message: impl Into<String>) -> Response {
-    Response::Error { kind: ErrorKind::BadRequest, message: message.into() }
+    crate::control::error(ErrorKind::BadRequest, message)
 }
 
 impl Agent {

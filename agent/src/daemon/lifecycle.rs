@@ -98,7 +98,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 let response = match call.request {
                     proto::Request::Reload => match reload(&mut agent, &opts, &mut ticker) {
                         Ok(msg) => proto::Response::Ok(msg),
-                        Err(e) => proto::Response::Error { kind: proto::ErrorKind::Failed, message: crate::error_chain(&e) },
+                        Err(e) => crate::control::error(proto::ErrorKind::Failed, crate::error_chain(&e)),
                     },
                     request => agent.handle_control(request),
                 };

@@ -18,6 +18,8 @@ use tokio::task::JoinHandle;
 use tuner::study::SharedProgress;
 use tuner::ServerFactory;
 
+use crate::control::error as err;
+
 /// Largest result.json sent whole; beyond it the per-trial detail is left out.
 const MAX_RESULTS_BYTES: usize = 900 * 1024;
 
@@ -49,10 +51,6 @@ impl std::fmt::Debug for TuneService {
             .field("study", &self.current.as_ref().map(|r| r.dir.clone()))
             .finish()
     }
-}
-
-fn err(kind: ErrorKind, message: impl Into<String>) -> Response {
-    Response::Error { kind, message: message.into() }
 }
 
 /// The `gpu-agent tune` arguments for a study request, its directory resolved.
