@@ -406,45 +406,6 @@ mod tests {
     }
 
     #[test]
-    fn advice_reports_round_trip() {
-        let report = AdviceReport {
-            model: "m".into(),
-            clock_mhz: 1410.0,
-            ttft_slo_s: 0.5,
-            tpot_slo_s: 0.05,
-            demand: Some(AdviceDemand {
-                arrival_rate: 12.5,
-                mean_prompt_tokens: 500.0,
-                mean_output_tokens: 200.0,
-                running: 30.0,
-                waiting: 1.0,
-                replicas: 0.4,
-            }),
-            capacity_rate: Some(31.0),
-            online: Some(AdviceOnline {
-                max_rate: 30.0,
-                limit: CapacityLimit::Tpot,
-                predicted_tpot_s: 0.05,
-                predicted_ttft_s: 0.2,
-                weight: 0.8,
-                observed_share: 0.6,
-            }),
-            profile: None,
-            fit: AdviceFit { alpha_s: 0.008, beta_s: 1e-5, delta_s: 2e-5, observations: 40.0 },
-            headroom_rate: Some(18.5),
-            current_replicas: Some(3),
-            desired_replicas: Some(2),
-            suggested_replicas: Some(3),
-            stale: false,
-            data_age_s: 0.0,
-            reason: "why".into(),
-        };
-        let resp = Response::Advice(Box::new(report));
-        let f = encode_frame(&resp).expect("encode");
-        assert_eq!(decode_body::<Response>(&f[4..]).expect("decode"), resp);
-    }
-
-    #[test]
     fn oversized_garbage_and_trailing_bytes_are_errors() {
         assert!(matches!(frame_len(u32::MAX.to_be_bytes()), Err(ProtoError::TooLarge(_))));
         assert!(matches!(decode_body::<Request>(&[0xff, 0xff, 0xff]), Err(ProtoError::Decode(_))));
