@@ -26,13 +26,6 @@ pub enum Mode {
 #[error("unknown mode {0:?}: expected slo, edp, observe, default or pinned:MHZ")]
 pub struct ModeError(pub String);
 
-impl Mode {
-    /// Whether the governor chooses the clock (it does in `slo` and `edp`).
-    pub const fn governs(&self) -> bool {
-        matches!(self, Mode::Slo | Mode::Edp)
-    }
-}
-
 impl std::str::FromStr for Mode {
     type Err = ModeError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -123,6 +116,5 @@ mod tests {
         for bad in ["", "pinned", "pinned:0", "pinned:x", "fast"] {
             assert_eq!(bad.parse::<Mode>(), Err(ModeError(bad.to_string())), "{bad}");
         }
-        assert!(Mode::Slo.governs() && Mode::Edp.governs() && !Mode::Observe.governs() && !Mode::Pinned(900).governs());
     }
 }
