@@ -200,10 +200,10 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// The error and its causes on one line; each error keeps its cause as its source, so each
-/// appears once.
+/// The error and its causes on one line (`gpu_agent::error_chain`; anyhow's contexts are
+/// sources too).
 fn one_line(e: &anyhow::Error) -> String {
-    e.chain().map(ToString::to_string).collect::<Vec<_>>().join(": ")
+    gpu_agent::error_chain(e.as_ref())
 }
 
 /// Exit 2 on malformed input (one line naming the line number), 1 when it cannot be read.
@@ -337,97 +337,108 @@ async fn tune(args: TuneArgs) -> ExitCode {
     }
     let progress = tuner::study::SharedProgress::default();
     let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
-    let study = tokio::spawn(tuner::run_study(cfg, progress.clone(), cancel_rx));
-    if args.progress_json {
-        return follow_study(study, progress, cancel_tx).await;
-    }
+    let mut study = tokio::spawn(tuner::run_study(cfg, progress.clone(), cancel_rx));
     tokio::spawn(async move {
         wait_for_stop_signal().await;
         tracing::warn!("stopping the study: stopping its servers");
         let _ = cancel_tx.send(true);
     });
-    match study.await {
-        Ok(Ok(summary)) => {
+    if args.progress_json {
+        let end = StudyEnd::of(relay_progress(&mut study, &progress).await);
+        let mut last = progress.lock().map(|p| p.clone()).unwrap_or_default();
+        last.running = 0;
+        match &end {
+            StudyEnd::Done(_) => {}
+            StudyEnd::Stopped => {
+                last.state = proto::StudyState::Stopped;
+                last.message = Some("stopped; servers stopped; start it again to resume".into());
+            }
+            StudyEnd::Failed(why) => {
+                last.state = proto::StudyState::Failed;
+                last.message = Some(why.clone());
+            }
+        }
+        print_progress(&last);
+        return end.exit_code();
+    }
+    let end = StudyEnd::of(study.await);
+    match &end {
+        StudyEnd::Done(summary) => {
             let text = if args.json {
-                serde_json::to_string_pretty(&summary).unwrap_or_default() + "\n"
+                serde_json::to_string_pretty(summary).unwrap_or_default() + "\n"
             } else {
                 summary.text()
             };
             // A closed pipe (`| head`) is not an error worth a panic.
             let _ = write!(std::io::stdout(), "{text}");
-            ExitCode::SUCCESS
         }
-        Ok(Err(tuner::TuneError::Stopped)) => {
-            eprintln!("gpu-agent: tune stopped; servers stopped; run the same command again to resume");
-            ExitCode::from(130)
+        StudyEnd::Stopped => {
+            eprintln!("gpu-agent: tune stopped; servers stopped; run the same command again to resume")
         }
-        Ok(Err(e)) => {
-            eprintln!("gpu-agent: tune: {}", gpu_agent::error_chain(&e));
-            ExitCode::from(1)
+        StudyEnd::Failed(why) => eprintln!("gpu-agent: tune: {why}"),
+    }
+    end.exit_code()
+}
+
+type StudyTask = tokio::task::JoinHandle<Result<tuner::report::StudySummary, tuner::TuneError>>;
+
+/// How a study ended, whoever it is reported to.
+enum StudyEnd {
+    Done(Box<tuner::report::StudySummary>),
+    Stopped,
+    Failed(String),
+}
+
+impl StudyEnd {
+    fn of(result: Result<Result<tuner::report::StudySummary, tuner::TuneError>, tokio::task::JoinError>) -> Self {
+        match result {
+            Ok(Ok(summary)) => StudyEnd::Done(Box::new(summary)),
+            Ok(Err(tuner::TuneError::Stopped)) => StudyEnd::Stopped,
+            Ok(Err(e)) => StudyEnd::Failed(gpu_agent::error_chain(&e)),
+            Err(e) => StudyEnd::Failed(format!("the study task failed: {e}")),
         }
-        Err(e) => {
-            eprintln!("gpu-agent: tune: {e}");
-            ExitCode::from(1)
+    }
+
+    /// 0 with a result, 130 when stopped by SIGINT/SIGTERM, 1 when the study failed.
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            StudyEnd::Done(_) => ExitCode::SUCCESS,
+            StudyEnd::Stopped => ExitCode::from(130),
+            StudyEnd::Failed(_) => ExitCode::from(1),
         }
     }
 }
 
-/// `tune --progress-json`: the study's progress as a JSON line whenever it changes, and a
-/// last line that says how it ended; the exit code as without the flag.
-async fn follow_study(
-    mut study: tokio::task::JoinHandle<Result<tuner::report::StudySummary, tuner::TuneError>>,
-    progress: tuner::study::SharedProgress,
-    cancel: tokio::sync::watch::Sender<bool>,
-) -> ExitCode {
+/// One progress line on stdout (`tune --progress-json`).
+fn print_progress(p: &proto::TuneProgress) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, p);
+    let _ = writeln!(out);
+    let _ = out.flush();
+}
+
+/// `tune --progress-json`: prints the study's progress whenever it changes until the study
+/// ends, and returns how it ended.
+async fn relay_progress(
+    study: &mut StudyTask,
+    progress: &tuner::study::SharedProgress,
+) -> Result<Result<tuner::report::StudySummary, tuner::TuneError>, tokio::task::JoinError> {
     let snapshot = || progress.lock().map(|p| p.clone()).unwrap_or_default();
-    let print = |p: &proto::TuneProgress| {
-        let mut out = std::io::stdout().lock();
-        let _ = serde_json::to_writer(&mut out, p);
-        let _ = writeln!(out);
-        let _ = out.flush();
-    };
-    tokio::spawn(async move {
-        wait_for_stop_signal().await;
-        tracing::warn!("stopping the study: stopping its servers");
-        let _ = cancel.send(true);
-    });
     let mut last = snapshot();
-    print(&last);
+    print_progress(&last);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let result = loop {
+    loop {
         tokio::select! {
-            r = &mut study => break r,
+            r = &mut *study => return r,
             _ = tick.tick() => {
                 let now = snapshot();
                 if now != last {
-                    print(&now);
+                    print_progress(&now);
                     last = now;
                 }
             }
         }
-    };
-    let mut end = snapshot();
-    end.running = 0;
-    let code = match result {
-        Ok(Ok(_)) => ExitCode::SUCCESS,
-        Ok(Err(tuner::TuneError::Stopped)) => {
-            end.state = proto::StudyState::Stopped;
-            end.message = Some("stopped; servers stopped; start it again to resume".into());
-            ExitCode::from(130)
-        }
-        Ok(Err(e)) => {
-            end.state = proto::StudyState::Failed;
-            end.message = Some(gpu_agent::error_chain(&e));
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            end.state = proto::StudyState::Failed;
-            end.message = Some(format!("the study task failed: {e}"));
-            ExitCode::from(1)
-        }
-    };
-    print(&end);
-    code
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 use proto::{ErrorKind, Response, StudyPhase, StudyState, TuneCmd, TuneProgress, TuneReply, TuneStart};
 use tokio::io::AsyncBufReadExt;
 use tokio::task::JoinHandle;
-use tuner::study::SharedProgress;
+use tuner::study::{update, SharedProgress};
 use tuner::ServerFactory;
 
 use crate::control::error as err;
@@ -71,12 +71,6 @@ fn study_args(req: &TuneStart, dir: &Path) -> Vec<std::ffi::OsString> {
     a
 }
 
-fn set(progress: &SharedProgress, f: impl FnOnce(&mut TuneProgress)) {
-    if let Ok(mut p) = progress.lock() {
-        f(&mut p);
-    }
-}
-
 /// Relays the study process's progress lines until it exits, then makes sure the progress
 /// says how it ended (a process that died without a last word failed).
 async fn supervise(mut child: tokio::process::Child, progress: SharedProgress) {
@@ -84,13 +78,13 @@ async fn supervise(mut child: tokio::process::Child, progress: SharedProgress) {
         let mut lines = tokio::io::BufReader::new(out).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             match serde_json::from_str::<TuneProgress>(&line) {
-                Ok(p) => set(&progress, |cur| *cur = p),
+                Ok(p) => update(&progress, |cur| *cur = p),
                 Err(e) => tracing::debug!(error = %e, "study process: not a progress line"),
             }
         }
     }
     let status = child.wait().await;
-    set(&progress, |p| {
+    update(&progress, |p| {
         p.running = 0;
         if p.state == StudyState::Running {
             p.state = StudyState::Failed;
@@ -148,7 +142,7 @@ impl TuneService {
                     Err(e) => return err(ErrorKind::BadRequest, crate::error_chain(&e)),
                 };
                 let progress = SharedProgress::default();
-                set(&progress, |p| {
+                update(&progress, |p| {
                     p.state = StudyState::Running;
                     p.study = cfg.space.study.name.clone();
                     p.study_dir = cfg.dir.display().to_string();
@@ -184,7 +178,7 @@ impl TuneService {
                         if let Some(pid) = r.pid {
                             let _ = kill(pid, Signal::SIGTERM);
                         }
-                        set(&r.progress, |p| p.phase = StudyPhase::Stopping);
+                        update(&r.progress, |p| p.phase = StudyPhase::Stopping);
                     }
                     _ => return err(ErrorKind::Failed, "no study is running"),
                 }

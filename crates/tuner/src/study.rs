@@ -62,7 +62,8 @@ fn count_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn update(p: &SharedProgress, f: impl FnOnce(&mut TuneProgress)) {
+/// Changes the shared progress in place (a poisoned lock is skipped: progress is only shown).
+pub fn update(p: &SharedProgress, f: impl FnOnce(&mut TuneProgress)) {
     if let Ok(mut g) = p.lock() {
         f(&mut g);
     }
