@@ -83,6 +83,17 @@ enum OpenProblem {
     Broken(String),
 }
 
+impl OpenProblem {
+    fn into_error(self, path: &Path) -> StoreError {
+        let path = path.to_owned();
+        match self {
+            OpenProblem::Locked => StoreError::Locked { path },
+            OpenProblem::Refused(source) => StoreError::Refused { path, source },
+            OpenProblem::Broken(why) => StoreError::Incompatible { path, why },
+        }
+    }
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -155,9 +166,8 @@ impl Store {
                 None => return Self::ready(db, path, schema, None),
                 Some(why) => why,
             },
-            Err(OpenProblem::Locked) => return Err(StoreError::Locked { path: path.to_owned() }),
-            Err(OpenProblem::Refused(source)) => return Err(StoreError::Refused { path: path.to_owned(), source }),
             Err(OpenProblem::Broken(why)) => why,
+            Err(other) => return Err(other.into_error(path)),
         };
         if on_mismatch == OnMismatch::Refuse {
             return Err(StoreError::Incompatible { path: path.to_owned(), why });
@@ -165,12 +175,8 @@ impl Store {
         let aside = PathBuf::from(format!("{}.corrupt-{}", path.display(), unix_now()));
         warn!(path = %path.display(), aside = %aside.display(), problem = %why, "{name} unusable; moving it aside and starting empty");
         std::fs::rename(path, &aside).map_err(|source| StoreError::MoveAside { path: path.to_owned(), source })?;
-        match try_open(path) {
-            Ok(db) => Self::ready(db, path, schema, Some(aside)),
-            Err(OpenProblem::Locked) => Err(StoreError::Locked { path: path.to_owned() }),
-            Err(OpenProblem::Refused(source)) => Err(StoreError::Refused { path: path.to_owned(), source }),
-            Err(OpenProblem::Broken(why)) => Err(StoreError::Incompatible { path: path.to_owned(), why }),
-        }
+        let db = try_open(path).map_err(|p| p.into_error(path))?;
+        Self::ready(db, path, schema, Some(aside))
     }
 
     fn ready(db: sled::Db, path: &Path, schema: u32, moved_aside: Option<PathBuf>) -> Result<Store, StoreError> {
