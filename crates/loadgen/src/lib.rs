@@ -1,6 +1,7 @@
 //! Load generation: schedules of arrivals and an HTTP driver that reports like `vllm bench serve`.
 
 pub mod http;
+pub mod prompt;
 pub mod report;
 pub mod schedule;
 

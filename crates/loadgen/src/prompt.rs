@@ -1,0 +1,100 @@
+//! Synthetic prompt text, and the one token-count rule the simulator applies to text.
+//!
+//! Real servers tokenize text with the model's tokenizer, whose vocabulary loadgen does not know:
+//! token ids that fit one model are out of vocabulary for another (vLLM answers `Token id 20000
+//! is out of vocabulary` inside a 200 stream). So prompts are text made of short, common English
+//! words, each one token in the byte-level BPE tokenizers vLLM's models ship (a leading space
+//! and the word). The real count comes back in the server's `usage.prompt_tokens`, which the
+//! report uses; the target length is what the rule below gives.
+//!
+//! The rule (`count_tokens`), a rough byte-level BPE: a run of ASCII letters with at most one
+//! leading space is one token per started 8 letters; every digit is a token (as Llama splits
+//! digits); a run of other whitespace is one token; every other character is one token.
+
+use rand::Rng;
+
+/// Words that are a single token (with their leading space) in common BPE vocabularies.
+pub const WORDS: [&str; 48] = [
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "with", "as", "on", "be", "at", "by", "this",
+    "from", "or", "an", "are", "was", "not", "but", "all", "we", "one", "can", "has", "more", "will", "time",
+    "new", "when", "out", "up", "so", "what", "about", "which", "their", "there", "other", "into", "some",
+    "them", "only", "day", "first",
+];
+
+/// Text of `tokens` tokens under [`count_tokens`]: one random word from [`WORDS`] per token, the
+/// first without a leading space.
+pub fn synthetic_text<R: Rng + ?Sized>(tokens: u32, rng: &mut R) -> String {
+    let mut s = String::with_capacity(tokens as usize * 5);
+    for i in 0..tokens {
+        if i > 0 {
+            s.push(' ');
+        }
+        s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+    }
+    s
+}
+
+/// Letters per token in a long word.
+const LETTERS_PER_TOKEN: usize = 8;
+
+/// Tokens `text` stands for under the rule in the module docs (at least 0).
+pub fn count_tokens(text: &str) -> u32 {
+    let mut n: usize = 0;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ' ' && chars.peek().is_some_and(char::is_ascii_alphabetic) {
+            continue; // the space belongs to the word that follows
+        }
+        if c.is_ascii_alphabetic() {
+            let mut letters: usize = 1;
+            while chars.peek().is_some_and(char::is_ascii_alphabetic) {
+                chars.next();
+                letters += 1;
+            }
+            n += letters.div_ceil(LETTERS_PER_TOKEN);
+        } else if c.is_whitespace() {
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+            n += 1;
+        } else {
+            n += 1;
+        }
+    }
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn synthetic_text_has_the_asked_count() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for n in [0, 1, 2, 17, 500] {
+            let t = synthetic_text(n, &mut rng);
+            assert_eq!(count_tokens(&t), n, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn counts_like_a_byte_level_bpe() {
+        assert_eq!(count_tokens(""), 0);
+        assert_eq!(count_tokens("hello world"), 2);
+        assert_eq!(count_tokens(" hello"), 1);
+        assert_eq!(count_tokens("internationalization"), 3); // 20 letters
+        assert_eq!(count_tokens("2026"), 4);
+        assert_eq!(count_tokens("a, b!"), 4);
+        assert_eq!(count_tokens("line\n\nnext"), 3);
+        assert_eq!(count_tokens("héllo"), 3); // h, é, llo
+    }
+
+    #[test]
+    fn words_are_single_tokens() {
+        for w in WORDS {
+            assert_eq!(count_tokens(&format!(" {w}")), 1, "{w}");
+        }
+    }
+}
