@@ -133,18 +133,49 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("load").required(true).args(["trace", "num_prompts"])))]
 struct LoadgenArgs {
     /// Base URL of the server, e.g. http://127.0.0.1:8000
     #[arg(long)]
     url: String,
-    /// Model name to send.
-    #[arg(long, default_value = "meta-llama/Llama-3.1-8B-Instruct")]
-    model: String,
+    /// Model name to send (default: the first model the server lists at /v1/models).
+    #[arg(long)]
+    model: Option<String>,
     /// CSV trace: seconds,requests_per_second,mean_prompt_tokens,mean_output_tokens
-    #[arg(long, value_name = "FILE")]
-    trace: PathBuf,
+    #[arg(long, value_name = "FILE", conflicts_with = "num_prompts")]
+    trace: Option<PathBuf>,
+    /// Send exactly this many requests (as `vllm bench serve --num-prompts`).
+    #[arg(long, value_name = "N")]
+    num_prompts: Option<u32>,
+    /// Mean request rate for --num-prompts, requests per second, or `inf` for all at once.
+    #[arg(long, default_value = "inf", requires = "num_prompts", value_parser = parse_rate)]
+    request_rate: f64,
+    /// Shape of the gamma-distributed gaps: 1 is Poisson, below 1 burstier, `inf` evenly spaced.
+    #[arg(long, default_value_t = 1.0, requires = "num_prompts")]
+    burstiness: f64,
+    /// Prompt tokens of every --num-prompts request.
+    #[arg(long, default_value_t = 1024, requires = "num_prompts")]
+    random_input_len: u32,
+    /// Output tokens of every --num-prompts request.
+    #[arg(long, default_value_t = 128, requires = "num_prompts")]
+    random_output_len: u32,
+    /// At most this many requests in flight.
+    #[arg(long, value_name = "N")]
+    max_concurrency: Option<usize>,
+    /// Every prompt starts with the same this many tokens (prefix-cache sharing).
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_tokens: u32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// A request rate: a positive number or `inf`.
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let r: f64 = s.parse().map_err(|_| format!("`{s}` is not a number or `inf`"))?;
+    if r.is_nan() || r <= 0.0 {
+        return Err(format!("{s} must be > 0"));
+    }
+    Ok(r)
 }
 
 fn main() -> ExitCode {
@@ -286,9 +317,38 @@ fn reset_clocks(args: &BackendArgs) -> anyhow::Result<()> {
 }
 
 async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.trace).with_context(|| format!("reading {}", args.trace.display()))?;
-    let schedule = loadgen::Schedule::from_csv(&text).with_context(|| format!("trace {}", args.trace.display()))?;
-    let report = loadgen::run_http(&args.url, &args.model, &schedule, args.seed, &Default::default()).await?;
+    use loadgen::{LengthDist, Schedule};
+    let schedule = match (&args.trace, args.num_prompts) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Schedule::from_csv(&text).with_context(|| format!("trace {}", path.display()))?
+        }
+        (None, Some(n)) => {
+            let (prompt, output) =
+                (LengthDist::Fixed(args.random_input_len), LengthDist::Fixed(args.random_output_len));
+            for (name, v) in
+                [("--random-input-len", args.random_input_len), ("--random-output-len", args.random_output_len)]
+            {
+                anyhow::ensure!(v > 0, "{name} must be at least 1");
+            }
+            if args.request_rate.is_infinite() {
+                Schedule::infinite_rate(n, prompt, output)
+            } else {
+                Schedule::counted(n, args.request_rate, args.burstiness, prompt, output).context("--burstiness")?
+            }
+        }
+        (None, None) => anyhow::bail!("give --trace FILE or --num-prompts N"),
+    };
+    let model = match args.model {
+        Some(m) => m,
+        None => loadgen::served_model(&args.url).await.context("--model not given")?,
+    };
+    let opts = loadgen::LoadOptions {
+        max_concurrency: args.max_concurrency,
+        shared_prefix_tokens: args.shared_prefix_tokens,
+        ..Default::default()
+    };
+    let report = loadgen::run_http(&args.url, &model, &schedule, args.seed, &opts).await?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
@@ -399,9 +459,11 @@ impl StudyEnd {
         }
     }
 
-    /// 0 with a result, 130 when stopped by SIGINT/SIGTERM, 1 when the study failed.
+    /// 0 with a result, 130 when stopped by SIGINT/SIGTERM, 1 when the study failed (also
+    /// when it wrote its outputs but could not run a trial: a failed memory search).
     fn exit_code(&self) -> ExitCode {
         match self {
+            StudyEnd::Done(s) if s.failure.is_some() => ExitCode::from(1),
             StudyEnd::Done(_) => ExitCode::SUCCESS,
             StudyEnd::Stopped => ExitCode::from(130),
             StudyEnd::Failed(_) => ExitCode::from(1),

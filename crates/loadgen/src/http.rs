@@ -1,5 +1,7 @@
 //! HTTP load driver: streams `/v1/completions` requests at a schedule's arrival times and
 //! measures them the way `vllm bench serve` does, so it works against the simulator and a real vLLM.
+//! Prompts are text any tokenizer accepts ([`crate::prompt`]); token counts in the report are the
+//! server's own (`usage`), falling back to the asked lengths where a server sends no usage.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,17 +13,15 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info};
 
+use crate::prompt::synthetic_text;
 use crate::report::{LoadReport, RequestOutcome, RequestRate};
 use crate::schedule::{Arrival, Schedule};
 use objectives::LatencyLimits;
-
-/// Token ids drawn for synthetic prompts: clear of special tokens, inside any common vocabulary.
-const TOKEN_IDS: std::ops::Range<u32> = 1000..30000;
 
 /// Prefix-cache group id sent when requests share a prefix.
 const SHARED_PREFIX_ID: u64 = 1;
@@ -31,6 +31,42 @@ const SHARED_PREFIX_ID: u64 = 1;
 pub enum LoadError {
     #[error("invalid server URL `{url}`: {message}")]
     Url { url: String, message: String },
+    #[error("asking {url} for its model: {message}")]
+    Models { url: String, message: String },
+}
+
+/// `url_base` + `path` as a URI, checked to be plain `http://HOST[:PORT]`.
+fn endpoint(url_base: &str, path: &str) -> Result<Uri, LoadError> {
+    let url = format!("{}{path}", url_base.trim_end_matches('/'));
+    let bad = |message: String| LoadError::Url { url: url_base.to_string(), message };
+    let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| bad(e.to_string()))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(bad("expected http://HOST:PORT".into()));
+    }
+    Ok(uri)
+}
+
+fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// The first model a server lists at `/v1/models` (what `vllm bench serve` sends by default).
+pub async fn served_model(url_base: &str) -> Result<String, LoadError> {
+    let uri = endpoint(url_base, "/v1/models")?;
+    let bad = |message: String| LoadError::Models { url: uri.to_string(), message };
+    let resp = http_client().get(uri.clone()).await.map_err(|e| bad(format!("connection: {e}")))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| bad(e.to_string()))?.to_bytes();
+    if status != StatusCode::OK {
+        return Err(bad(format!("HTTP {}", status.as_u16())));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(format!("bad JSON: {e}")))?;
+    v.pointer("/data/0/id")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| bad("no model listed in `data`".into()))
 }
 
 /// Knobs of a load run.
@@ -55,28 +91,18 @@ pub async fn run_http(
     seed: u64,
     opts: &LoadOptions,
 ) -> Result<LoadReport, LoadError> {
-    let url = format!("{}/v1/completions", url_base.trim_end_matches('/'));
-    let uri: Uri = url.parse().map_err(|e: hyper::http::uri::InvalidUri| LoadError::Url {
-        url: url_base.to_string(),
-        message: e.to_string(),
-    })?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
-        return Err(LoadError::Url { url: url_base.to_string(), message: "expected http://HOST:PORT".into() });
-    }
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let uri = endpoint(url_base, "/v1/completions")?;
+    let client = http_client();
     let limiter = opts.max_concurrency.map(|n| Arc::new(Semaphore::new(n.max(1))));
-    let prefix_ids: Arc<Vec<u32>> = {
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f9e_f1c5);
-        Arc::new((0..opts.shared_prefix_tokens).map(|_| rng.random_range(TOKEN_IDS)).collect())
-    };
+    let mut prefix_rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f9e_f1c5);
+    let prefix = SharedPrefix::new(opts.shared_prefix_tokens, &mut prefix_rng);
 
     let start = Instant::now();
     let deadline = opts.deadline.map(|d| start + d);
     let mut tasks: JoinSet<RequestOutcome> = JoinSet::new();
     let mut outcomes = Vec::new();
     let mut sent = 0u64;
+    let mut last_send_s = 0.0f64;
     for (i, arrival) in schedule.arrivals(seed).enumerate() {
         let at = start + Duration::from_secs_f64(arrival.at_s);
         if deadline.is_some_and(|d| at >= d) {
@@ -87,9 +113,10 @@ pub async fn run_http(
         while let Some(done) = tasks.try_join_next() {
             outcomes.push(done.unwrap_or_else(|e| RequestOutcome::failed(0, format!("request task failed: {e}"))));
         }
-        let body = request_body(model, &arrival, seed.wrapping_add(i as u64), &prefix_ids);
+        let body = request_body(model, &arrival, seed.wrapping_add(i as u64), &prefix);
         let (client, uri, limiter) = (client.clone(), uri.clone(), limiter.clone());
         sent += 1;
+        last_send_s = start.elapsed().as_secs_f64();
         tasks.spawn(async move {
             // Held until the request ends; as vLLM's bench, the clock starts once a slot is free.
             let _permit = match limiter {
@@ -129,26 +156,60 @@ pub async fn run_http(
     } else {
         RequestRate::PerSecond(0.0)
     };
-    Ok(LoadReport::from_outcomes(&outcomes, duration, rate, opts.max_concurrency, &opts.slo))
+    let mut report = LoadReport::from_outcomes(&outcomes, duration, rate, opts.max_concurrency, &opts.slo);
+    report.achieved_request_rate = achieved_rate(sent, last_send_s, schedule.is_infinite_rate());
+    Ok(report)
 }
 
-/// A streaming completion request. The prompt is token ids (exact length on any server), with
-/// the simulator's `prompt_tokens` / `prefix_id` extensions that vLLM ignores.
-fn request_body(model: &str, a: &Arrival, seed: u64, prefix: &[u32]) -> Bytes {
+/// Requests sent per second of sending: `sent` over the time the last one went out (for `n`
+/// Poisson arrivals at rate `r` the last comes at about `n / r`). Infinite for one burst.
+fn achieved_rate(sent: u64, last_send_s: f64, infinite: bool) -> RequestRate {
+    if infinite || (sent > 0 && last_send_s <= 0.0) {
+        RequestRate::Infinite
+    } else if sent == 0 {
+        RequestRate::PerSecond(0.0)
+    } else {
+        RequestRate::PerSecond(sent as f64 / last_send_s)
+    }
+}
+
+/// The words every prompt starts with when requests share a prefix.
+#[derive(Debug)]
+struct SharedPrefix {
+    words: Vec<String>,
+}
+
+impl SharedPrefix {
+    fn new(tokens: u32, rng: &mut StdRng) -> Self {
+        let text = synthetic_text(tokens, rng);
+        SharedPrefix { words: text.split(' ').filter(|w| !w.is_empty()).map(str::to_string).collect() }
+    }
+
+    fn len(&self) -> usize {
+        self.words.len()
+    }
+}
+
+/// A streaming completion request with a text prompt of `a.prompt_tokens` words (the shared
+/// prefix first), plus the simulator's `prefix_id` extension, which vLLM ignores.
+fn request_body(model: &str, a: &Arrival, seed: u64, prefix: &SharedPrefix) -> Bytes {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = a.prompt_tokens as usize;
     let shared = prefix.len().min(n);
-    let mut ids: Vec<u32> = prefix[..shared].to_vec();
-    ids.extend((shared..n).map(|_| rng.random_range(TOKEN_IDS)));
+    let mut text = prefix.words[..shared].join(" ");
+    let rest = synthetic_text(u32::try_from(n - shared).unwrap_or(u32::MAX), &mut rng);
+    if !text.is_empty() && !rest.is_empty() {
+        text.push(' ');
+    }
+    text.push_str(&rest);
     let mut body = serde_json::json!({
         "model": model,
-        "prompt": ids,
+        "prompt": text,
         "max_tokens": a.max_tokens,
         "stream": true,
         "stream_options": {"include_usage": true},
         "ignore_eos": true,
         "temperature": 0.0,
-        "prompt_tokens": a.prompt_tokens,
     });
     if shared > 0 {
         body["prefix_id"] = SHARED_PREFIX_ID.into();
@@ -177,16 +238,18 @@ async fn send_one(
     let mut body = resp.into_body();
     if status != StatusCode::OK {
         let text = match body.collect().await {
-            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).chars().take(200).collect::<String>(),
+            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
             Err(_) => String::new(),
         };
-        return RequestOutcome::failed(prompt_tokens, format!("HTTP {}: {}", status.as_u16(), text.trim()));
+        let message = serde_json::from_str(&text).ok().and_then(|v| error_message(&v)).unwrap_or(text);
+        return RequestOutcome::failed(prompt_tokens, format!("HTTP {}: {}", status.as_u16(), clip(message.trim())));
     }
     let mut sse = SseReader::default();
     let mut out = RequestOutcome { prompt_tokens, ..Default::default() };
     let mut last: Option<Instant> = None;
     let mut text_chunks = 0u32;
     let mut usage_tokens: Option<u32> = None;
+    let mut usage_prompt: Option<u32> = None;
     let mut done = false;
     while !done {
         let frame = match body.frame().await {
@@ -205,8 +268,15 @@ async fn send_one(
                 Ok(v) => v,
                 Err(e) => return RequestOutcome::failed(prompt_tokens, format!("bad chunk JSON: {e}")),
             };
+            // vLLM reports a failure after the 200 header as an error event inside the stream.
+            if let Some(message) = error_message(&v) {
+                return RequestOutcome::failed(prompt_tokens, format!("server error in stream: {}", clip(&message)));
+            }
             if let Some(n) = v.pointer("/usage/completion_tokens").and_then(serde_json::Value::as_u64) {
                 usage_tokens = Some(u32::try_from(n).unwrap_or(u32::MAX));
+            }
+            if let Some(n) = v.pointer("/usage/prompt_tokens").and_then(serde_json::Value::as_u64) {
+                usage_prompt = Some(u32::try_from(n).unwrap_or(u32::MAX));
             }
             let has_text =
                 v.pointer("/choices/0/text").and_then(serde_json::Value::as_str).is_some_and(|t| !t.is_empty());
@@ -228,9 +298,35 @@ async fn send_one(
     }
     out.e2el = (last - st).as_secs_f64();
     out.output_tokens = usage_tokens.unwrap_or(text_chunks);
+    out.prompt_tokens = usage_prompt.unwrap_or(prompt_tokens);
     out.success = true;
     debug!(ttft = out.ttft, e2el = out.e2el, tokens = out.output_tokens, "request done");
     out
+}
+
+/// The message of an error body or event: vLLM's `{"object":"error","message":..}`, the OpenAI
+/// `{"error":{"message":..}}` it sends inside streams, or FastAPI's `{"detail":..}`.
+fn error_message(v: &serde_json::Value) -> Option<String> {
+    let text = |p: &str| v.pointer(p).and_then(serde_json::Value::as_str).map(str::to_string);
+    if v.get("object").and_then(serde_json::Value::as_str) == Some("error") {
+        return text("/message");
+    }
+    match v.get("error") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(e) => text("/error/message").or_else(|| Some(e.to_string())),
+        None => text("/detail").or_else(|| v.get("detail").map(ToString::to_string)),
+    }
+}
+
+/// Keeps error messages in a report to one readable line.
+fn clip(s: &str) -> String {
+    const MAX: usize = 300;
+    let line = s.replace('\n', " ");
+    if line.chars().count() > MAX {
+        format!("{}...", line.chars().take(MAX).collect::<String>())
+    } else {
+        line
+    }
 }
 
 /// Splits a byte stream into SSE `data:` payloads.
@@ -268,22 +364,50 @@ mod tests {
     }
 
     #[test]
-    fn request_body_has_exact_prompt_and_shared_prefix() {
+    fn request_body_has_text_of_the_asked_length_and_shared_prefix() {
         let a = Arrival { at_s: 0.0, prompt_tokens: 50, max_tokens: 7 };
-        let prefix = vec![5u32; 20];
+        let prefix = SharedPrefix::new(20, &mut StdRng::seed_from_u64(0));
         let b1: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 1, &prefix)).expect("json");
         let b2: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 2, &prefix)).expect("json");
-        let ids = b1["prompt"].as_array().expect("array");
-        let ids2 = b2["prompt"].as_array().expect("array");
-        assert_eq!(ids.len(), 50);
-        assert_eq!(b1["prompt_tokens"], 50);
+        let words = |b: &serde_json::Value| -> Vec<String> {
+            b["prompt"].as_str().expect("text").split(' ').map(str::to_string).collect()
+        };
+        let (w1, w2) = (words(&b1), words(&b2));
+        assert_eq!(w1.len(), 50);
+        assert_eq!(crate::prompt::count_tokens(b1["prompt"].as_str().expect("text")), 50);
         assert_eq!(b1["max_tokens"], 7);
         assert_eq!(b1["ignore_eos"], true);
         assert_eq!(b1["prefix_tokens"], 20);
-        assert_eq!(ids[..20], ids2[..20]);
-        assert_ne!(ids[20..], ids2[20..]);
-        let none: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 1, &[])).expect("json");
+        assert_eq!(w1[..20], w2[..20]);
+        assert_ne!(w1[20..], w2[20..]);
+        let none = SharedPrefix::new(0, &mut StdRng::seed_from_u64(0));
+        let none: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 1, &none)).expect("json");
         assert!(none.get("prefix_id").is_none());
+        assert_eq!(none["prompt"].as_str().expect("text").split(' ').count(), 50);
+    }
+
+    #[test]
+    fn error_messages_of_vllm_openai_and_fastapi_bodies() {
+        let m = |s: &str| error_message(&serde_json::from_str(s).expect("json"));
+        assert_eq!(
+            m(r#"{"object":"error","message":"bad model","type":"NotFoundError"}"#).as_deref(),
+            Some("bad model")
+        );
+        assert_eq!(
+            m(r#"{"error":{"message":"Token id 20000 is out of vocabulary","type":"BadRequestError"}}"#).as_deref(),
+            Some("Token id 20000 is out of vocabulary")
+        );
+        assert_eq!(m(r#"{"detail":"Not Found"}"#).as_deref(), Some("Not Found"));
+        assert_eq!(m(r#"{"choices":[{"text":"a"}]}"#), None);
+        assert_eq!(clip(&"x".repeat(400)).len(), 303);
+    }
+
+    #[test]
+    fn achieved_rate_is_sent_over_sending_time() {
+        assert_eq!(achieved_rate(10, 2.0, false), RequestRate::PerSecond(5.0));
+        assert_eq!(achieved_rate(0, 0.0, false), RequestRate::PerSecond(0.0));
+        assert_eq!(achieved_rate(5, 0.0, false), RequestRate::Infinite);
+        assert_eq!(achieved_rate(5, 1.0, true), RequestRate::Infinite);
     }
 
     #[tokio::test]

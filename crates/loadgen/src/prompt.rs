@@ -15,10 +15,10 @@ use rand::Rng;
 
 /// Words that are a single token (with their leading space) in common BPE vocabularies.
 pub const WORDS: [&str; 48] = [
-    "the", "of", "and", "to", "in", "is", "that", "for", "it", "with", "as", "on", "be", "at", "by", "this",
-    "from", "or", "an", "are", "was", "not", "but", "all", "we", "one", "can", "has", "more", "will", "time",
-    "new", "when", "out", "up", "so", "what", "about", "which", "their", "there", "other", "into", "some",
-    "them", "only", "day", "first",
+    "the", "of", "and", "to", "in", "is", "that", "for", "it", "with", "as", "on", "be", "at", "by", "this", "from",
+    "or", "an", "are", "was", "not", "but", "all", "we", "one", "can", "has", "more", "will", "time", "new", "when",
+    "out", "up", "so", "what", "about", "which", "their", "there", "other", "into", "some", "them", "only", "day",
+    "first",
 ];
 
 /// Text of `tokens` tokens under [`count_tokens`]: one random word from [`WORDS`] per token, the

@@ -59,6 +59,9 @@ pub struct LoadReport {
     /// Seconds from the first send until the last request ended.
     pub duration: f64,
     pub request_rate: RequestRate,
+    /// The rate requests really went out at (not in `vllm bench serve`'s keys): requests sent
+    /// over the time the last one was sent.
+    pub achieved_request_rate: RequestRate,
     pub max_concurrency: Option<usize>,
     pub total_input_tokens: u64,
     pub total_output_tokens: u64,
@@ -140,6 +143,7 @@ impl LoadReport {
             failed: outcomes.len() as u64 - completed,
             duration,
             request_rate,
+            achieved_request_rate: request_rate,
             max_concurrency,
             total_input_tokens,
             total_output_tokens,

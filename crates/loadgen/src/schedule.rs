@@ -1,11 +1,13 @@
-//! Load schedules: piecewise-constant segments with Poisson arrivals and random lengths.
+//! Load schedules: piecewise-constant segments with Poisson arrivals and random lengths, or an
+//! exact number of requests with gamma-distributed gaps (as `vllm bench serve --num-prompts
+//! --request-rate --burstiness`).
 //!
 //! A seeded RNG makes every run of the same schedule send the same requests at the same offsets,
 //! so a tuner comparing two server configurations compares like with like.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Exp, LogNormal};
+use rand_distr::{Distribution, Exp, Gamma, LogNormal};
 use serde::Serialize;
 
 /// Spread of lognormal lengths read from a CSV trace (only means are given there).
@@ -106,6 +108,10 @@ pub enum Pace {
     Poisson { requests_per_second: f64 },
     /// All `requests` arrive at the segment's start ("infinite rate", as `--request-rate inf`).
     AllAtOnce { requests: u32 },
+    /// Exactly `requests` arrivals at a mean rate, gaps gamma-distributed with shape
+    /// `burstiness` (1: Poisson; below 1 burstier; infinite: evenly spaced). The first one
+    /// arrives at the segment's start, and the segment lasts until the last one.
+    Counted { requests: u32, requests_per_second: f64, burstiness: f64 },
 }
 
 /// One piece of a schedule: a pace and length distributions held for `duration_s`.
@@ -131,7 +137,7 @@ impl Segment {
     pub fn expected_requests(&self) -> f64 {
         match self.pace {
             Pace::Poisson { requests_per_second } => requests_per_second * self.duration_s,
-            Pace::AllAtOnce { requests } => f64::from(requests),
+            Pace::AllAtOnce { requests } | Pace::Counted { requests, .. } => f64::from(requests),
         }
     }
 }
@@ -158,10 +164,17 @@ impl Schedule {
             if !(s.duration_s.is_finite() && s.duration_s >= 0.0) {
                 return Err(bad(format!("duration {} must be a finite number >= 0", s.duration_s)));
             }
-            if let Pace::Poisson { requests_per_second: r } = s.pace {
-                if !(r.is_finite() && r >= 0.0) {
+            match s.pace {
+                Pace::Poisson { requests_per_second: r } if !(r.is_finite() && r >= 0.0) => {
                     return Err(bad(format!("rate {r} must be a finite number >= 0")));
                 }
+                Pace::Counted { requests_per_second: r, .. } if !(r.is_finite() && r > 0.0) => {
+                    return Err(bad(format!("rate {r} must be a finite number > 0")));
+                }
+                Pace::Counted { burstiness: b, .. } if b.is_nan() || b <= 0.0 => {
+                    return Err(bad(format!("burstiness {b} must be > 0")));
+                }
+                _ => {}
             }
             s.prompt.validate().map_err(|e| bad(e.to_string()))?;
             s.output.validate().map_err(|e| bad(e.to_string()))?;
@@ -172,6 +185,20 @@ impl Schedule {
     /// `requests` requests all at t=0 (the tuner's `--request-rate inf` run).
     pub fn infinite_rate(requests: u32, prompt: LengthDist, output: LengthDist) -> Schedule {
         Schedule { segments: vec![Segment::burst(requests, 0.0, prompt, output)] }
+    }
+
+    /// Exactly `requests` requests at `requests_per_second` with gamma gaps of shape
+    /// `burstiness` (`vllm bench serve --num-prompts --request-rate --burstiness`).
+    pub fn counted(
+        requests: u32,
+        requests_per_second: f64,
+        burstiness: f64,
+        prompt: LengthDist,
+        output: LengthDist,
+    ) -> Result<Schedule, ScheduleError> {
+        let duration_s = f64::from(requests) / requests_per_second;
+        let pace = Pace::Counted { requests, requests_per_second, burstiness };
+        Schedule::new(vec![Segment { duration_s, pace, prompt, output }])
     }
 
     /// A constant Poisson rate for `duration_s`.
@@ -366,8 +393,34 @@ impl Iterator for Arrivals {
                     self.t += gap;
                     return Some(self.make(self.t, &seg));
                 }
+                Pace::Counted { requests, requests_per_second, burstiness } => {
+                    let left = *self.burst_left.get_or_insert(requests);
+                    if left == 0 {
+                        // The segment ends with its last arrival, not at its nominal length.
+                        self.segments[self.idx].duration_s = (self.t - self.seg_start).max(0.0);
+                        self.next_segment();
+                        continue;
+                    }
+                    if left < requests {
+                        self.t += gamma_gap(requests_per_second, burstiness, &mut self.rng);
+                    }
+                    self.burst_left = Some(left - 1);
+                    return Some(self.make(self.t, &seg));
+                }
             }
         }
+    }
+}
+
+/// A gap with mean `1 / rate` and shape `burstiness` (coefficient of variation
+/// `1 / sqrt(burstiness)`); infinite burstiness is a constant gap.
+fn gamma_gap<R: Rng + ?Sized>(rate: f64, burstiness: f64, rng: &mut R) -> f64 {
+    if burstiness.is_infinite() {
+        return 1.0 / rate;
+    }
+    match Gamma::new(burstiness, 1.0 / (rate * burstiness)) {
+        Ok(d) => d.sample(rng),
+        Err(_) => 1.0 / rate,
     }
 }
 
@@ -462,6 +515,30 @@ mod tests {
         let inf: Vec<Arrival> = Schedule::infinite_rate(5, f, f).arrivals(0).collect();
         assert_eq!(inf.len(), 5);
         assert!(inf.iter().all(|x| x.at_s == 0.0 && x.prompt_tokens == 8));
+    }
+
+    #[test]
+    fn counted_sends_exactly_n_at_the_rate_with_the_asked_burstiness() {
+        let f = LengthDist::Fixed(8);
+        for (burstiness, cv) in [(1.0, 1.0), (0.25, 2.0), (4.0, 0.5), (f64::INFINITY, 0.0)] {
+            let s = Schedule::counted(4000, 5.0, burstiness, f, f).expect("valid");
+            let a: Vec<Arrival> = s.arrivals(9).collect();
+            assert_eq!(a.len(), 4000);
+            assert_eq!(a[0].at_s, 0.0);
+            let gaps: Vec<f64> = a.windows(2).map(|w| w[1].at_s - w[0].at_s).collect();
+            let m = gaps.iter().sum::<f64>() / gaps.len() as f64;
+            let sd = (gaps.iter().map(|g| (g - m).powi(2)).sum::<f64>() / gaps.len() as f64).sqrt();
+            assert!((1.0 / m - 5.0).abs() < 0.35, "burstiness {burstiness}: rate {}", 1.0 / m);
+            assert!((sd / m - cv).abs() < 0.12, "burstiness {burstiness}: cv {}", sd / m);
+        }
+        // A segment after a counted one starts once its last request has arrived.
+        let mut s = Schedule::counted(3, 1.0, 1.0, f, f).expect("valid");
+        s.segments.push(Segment::burst(2, 0.0, f, f));
+        let a: Vec<Arrival> = s.arrivals(1).collect();
+        assert_eq!(a.len(), 5);
+        assert!(a.windows(2).all(|w| w[0].at_s <= w[1].at_s), "{a:?}");
+        assert!(Schedule::counted(3, 0.0, 1.0, f, f).is_err());
+        assert!(Schedule::counted(3, 1.0, 0.0, f, f).is_err());
     }
 
     #[test]

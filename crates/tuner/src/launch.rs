@@ -76,11 +76,16 @@ impl Template {
         Ok(Template { words })
     }
 
-    /// The argv for one trial. Without a `{port}` word, `--port N` is added to the flags.
+    /// The argv for one trial. Without a `{port}` word, `--port N` is added to the flags;
+    /// without a `--host`, `--host 127.0.0.1` (vLLM listens on every address by default, and a
+    /// trial server is only for the tuner's load).
     pub fn argv(&self, model: &str, port: u16, flags: &BTreeMap<String, String>) -> Vec<String> {
         let mut flag_words = render_flags(flags);
         if !self.words.iter().any(|w| w.contains("{port}")) {
             flag_words.extend(["--port".to_string(), port.to_string()]);
+        }
+        if !self.words.iter().any(|w| w == "--host" || w.starts_with("--host=")) {
+            flag_words.extend(["--host".to_string(), "127.0.0.1".to_string()]);
         }
         let mut out = Vec::new();
         for w in &self.words {
@@ -173,7 +178,8 @@ pub struct Server {
     stopped: bool,
 }
 
-/// Log lines that mean the server ran out of GPU memory (vLLM's and PyTorch's wording).
+/// Log lines that mean the server ran out of GPU memory (vLLM's and PyTorch's wording), or of
+/// host memory on vLLM's CPU build, where `--gpu-memory-utilization` is a share of host RAM.
 const OOM_MARKERS: &[&str] = &[
     "CUDA out of memory",
     "OutOfMemoryError",
@@ -181,6 +187,8 @@ const OOM_MARKERS: &[&str] = &[
     "No available memory for the cache blocks",
     "Free memory on device",
     "that can be stored in KV cache",
+    "less than desired CPU memory utilization",
+    "Cannot allocate memory",
 ];
 
 /// Classifies a failed start from the log's tail.
@@ -387,7 +395,9 @@ mod tests {
             ]
         );
         let t = Template::parse("srv --listen=:{port} {flags}").expect("parses");
-        assert_eq!(t.argv("m", 9, &BTreeMap::new()), ["srv", "--listen=:9"]);
+        assert_eq!(t.argv("m", 9, &BTreeMap::new()), ["srv", "--listen=:9", "--host", "127.0.0.1"]);
+        let t = Template::parse("vllm serve m --host=0.0.0.0 {flags}").expect("parses");
+        assert_eq!(t.argv("m", 9, &BTreeMap::new()), ["vllm", "serve", "m", "--host=0.0.0.0", "--port", "9"]);
         assert!(Template::parse("vllm serve m").expect_err("no flags").contains("{flags}"));
         assert!(Template::parse("x 'open {flags}").expect_err("quote").contains("quote"));
     }
@@ -404,6 +414,12 @@ mod tests {
     fn exits_are_classified_from_the_log() {
         let oom = "INFO loading\nValueError: No available memory for the cache blocks. Try increasing\n";
         assert!(matches!(classify_exit(oom, Some(1)), StartFailure::OutOfMemory(m) if m.contains("cache blocks")));
+        // vLLM 0.32's CPU build, --gpu-memory-utilization 0.98 on a 24 GB machine (from its log).
+        let cpu = "(VllmWorker-0 pid=16596) ERROR 12-02 06:38:53 [multiproc_executor.py:953] ValueError: Available \
+                   memory on node 0 (8.23/12.59 GiB) on startup is less than desired CPU memory utilization (0.98, \
+                   12.34 GiB). On the CPU backend, the `--gpu-memory-utilization` flag controls the fraction of CPU \
+                   memory reserved\nRuntimeError: Engine core initialization failed. See root cause above.\n";
+        assert!(matches!(classify_exit(cpu, Some(1)), StartFailure::OutOfMemory(m) if m.contains("node 0")));
         let torch = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\nexit\n";
         assert!(matches!(classify_exit(torch, Some(1)), StartFailure::OutOfMemory(_)));
         let other = "error: unrecognized arguments: --bogus\n\n";

@@ -192,6 +192,7 @@ mod tests {
             failed: 0,
             duration: 100.0 / served,
             request_rate: rate.map_or(RequestRate::Infinite, RequestRate::PerSecond),
+            achieved_request_rate: rate.map_or(RequestRate::Infinite, RequestRate::PerSecond),
             max_concurrency: None,
             total_input_tokens: 0,
             total_output_tokens: 0,

@@ -23,7 +23,10 @@ pub struct StudySummary {
     pub strategy: String,
     pub trials: usize,
     pub failed_trials: usize,
-    pub gpu_memory_utilization: f64,
+    /// None when the memory search found none that starts (see `failure`).
+    pub gpu_memory_utilization: Option<f64>,
+    /// Why the study ended without trials (the memory search failed), as a result, not an abort.
+    pub failure: Option<String>,
     pub limits: Limits,
     pub baseline: Option<Value>,
     pub best: Option<Value>,
@@ -38,6 +41,9 @@ impl StudySummary {
     pub fn text(&self) -> String {
         let mut o = String::new();
         let f = |v: &Value, k: &str| v["figures"][k].as_f64().unwrap_or(0.0);
+        if let Some(why) = &self.failure {
+            let _ = writeln!(o, "failed      {why}");
+        }
         match &self.best {
             Some(b) => {
                 let flags: std::collections::BTreeMap<String, String> =
@@ -65,7 +71,9 @@ impl StudySummary {
         let _ = writeln!(
             o,
             "trials      {} ({} failed), gpu-memory-utilization {}",
-            self.trials, self.failed_trials, self.gpu_memory_utilization
+            self.trials,
+            self.failed_trials,
+            self.gpu_memory_utilization.map_or("none found".to_string(), |g| g.to_string())
         );
         let _ = writeln!(o, "results in  {}", self.study_dir);
         o
@@ -127,12 +135,14 @@ pub fn best(records: &[TrialRecord]) -> Option<&TrialRecord> {
         .max_by(|a, b| a.score.unwrap_or(0.0).total_cmp(&b.score.unwrap_or(0.0)).then(b.id.cmp(&a.id)))
 }
 
-/// Writes every output file and returns the summary.
+/// Writes every output file and returns the summary. `failure` says why a study that ran no
+/// trials ended (result.txt then holds it).
 pub fn write_all(
     dir: &Path,
     space: &SearchSpace,
     records: &[TrialRecord],
-    gmu: f64,
+    gmu: Option<f64>,
+    failure: Option<String>,
     has_profile: bool,
 ) -> std::io::Result<StudySummary> {
     let trials = searched(records);
@@ -153,6 +163,7 @@ pub fn write_all(
         trials: trials.len(),
         failed_trials: trials.iter().filter(|r| r.score.is_none()).count(),
         gpu_memory_utilization: gmu,
+        failure,
         limits: space.limits,
         baseline: baseline.map(brief),
         best: top.map(brief),
@@ -165,7 +176,11 @@ pub fn write_all(
         m.insert("all_trials".into(), Value::Array(records.iter().map(trial_json).collect()));
     }
     write_atomic(&dir.join("result.json"), &serde_json::to_string_pretty(&full).unwrap_or_default())?;
-    write_atomic(&dir.join("result.txt"), &result_txt(space, records, dir))?;
+    let mut txt = result_txt(space, records, dir);
+    if let Some(why) = &summary.failure {
+        txt = format!("study failed: {why}\n{txt}");
+    }
+    write_atomic(&dir.join("result.txt"), &txt)?;
     write_atomic(&dir.join("trials.csv"), &trials_csv(space, records))?;
     write_atomic(&dir.join("report.svg"), &svg(space, records))?;
     Ok(summary)

@@ -171,11 +171,30 @@ pub async fn run_study(
         (None, Some(found)) => found,
         (None, None) => {
             let found = tokio::select! {
-                r = memory_search(&ctx, &dir) => r?,
+                r = memory_search(&ctx, &dir) => r,
                 _ = cancelled(&mut cancel) => return Err(TuneError::Stopped),
             };
-            store.set_gpu_memory_utilization(found)?;
-            found
+            match found {
+                Ok(found) => {
+                    store.set_gpu_memory_utilization(found)?;
+                    found
+                }
+                // Nothing to tune, but the outputs say why: a result, not an empty abort.
+                Err(e @ (TuneError::NoMemory { .. } | TuneError::Start(_))) => {
+                    let why = format!("memory search: {e}");
+                    warn!("{why}");
+                    update(&progress, |p| p.phase = StudyPhase::Reports);
+                    let summary = report::write_all(&dir, &space, &[], None, Some(why.clone()), false)
+                        .map_err(|e| TuneError::Report(e.to_string()))?;
+                    update(&progress, |p| {
+                        p.state = StudyState::Failed;
+                        p.phase = StudyPhase::Done;
+                        p.message = Some(why);
+                    });
+                    return Ok(summary);
+                }
+                Err(e) => return Err(e),
+            }
         }
     };
     info!(gpu_memory_utilization = gmu, "memory utilisation");
@@ -262,7 +281,7 @@ pub async fn run_study(
                 records.push(rec);
                 show(&progress, &records);
                 // Results so far, so `tune results` and the files are useful mid-study.
-                if let Err(e) = report::write_all(&dir, &space, &records, gmu, false) {
+                if let Err(e) = report::write_all(&dir, &space, &records, Some(gmu), None, false) {
                     warn!(error = %e, "cannot write the results so far");
                 }
             }
@@ -452,7 +471,8 @@ fn write_outputs(
     if let Some(p) = profile {
         p.save(&dir.join("capacity-profile.json")).map_err(|e| TuneError::Report(e.to_string()))?;
     }
-    report::write_all(dir, space, records, gmu, profile.is_some()).map_err(|e| TuneError::Report(e.to_string()))
+    report::write_all(dir, space, records, Some(gmu), None, profile.is_some())
+        .map_err(|e| TuneError::Report(e.to_string()))
 }
 
 #[cfg(test)]
