@@ -412,7 +412,7 @@ impl Agent {
     fn count_slo_violations(&self, w: &Window) {
         let checks = [
             ("ttft", w.ttft.as_ref().and_then(|l| l.mean), self.cfg.policy.ttft_slo_seconds),
-            ("tpot", w.itl.as_ref().and_then(|l| l.mean), self.cfg.policy.tpot_slo_seconds),
+            ("tpot", w.tpot_or_itl().and_then(|l| l.mean), self.cfg.policy.tpot_slo_seconds),
         ];
         for (kind, value, slo) in checks {
             if value.is_some_and(|v| v > slo) {

@@ -148,6 +148,8 @@ pub struct OnlineModel {
     ttft: Rls<3>,
     /// Share of the KV cache one running request holds (smoothed).
     kv_per_request: Option<f64>,
+    /// Tokens the server's KV cache holds (`vllm:cache_config_info`), when it says.
+    kv_cache_tokens: Option<f64>,
     /// Highest arrival rate seen, decayed; how far the model has to extrapolate.
     peak_rate: f64,
 }
@@ -166,6 +168,7 @@ impl OnlineModel {
             step: Rls::new([6.0, 2.0, 20.0, 0.0, 0.0, 0.0], [100.0, 100.0, 100.0, 25.0, 25.0, 25.0], FORGET),
             ttft: Rls::new([0.0, 1.5, 20.0], [100.0, 1.0, 100.0], FORGET),
             kv_per_request: None,
+            kv_cache_tokens: None,
             peak_rate: 0.0,
         }
     }
@@ -191,6 +194,9 @@ impl OnlineModel {
             return;
         }
         self.peak_rate = (self.peak_rate * FORGET).max(arrival_rate);
+        if let Some(tokens) = w.cache.as_ref().and_then(|c| c.kv_cache_tokens).filter(|t| *t > 0.0) {
+            self.kv_cache_tokens = Some(tokens);
+        }
         if let (Some(kv), Some(running)) = (w.kv_cache_usage, w.num_requests_running) {
             if running >= 4.0 && kv > 0.0 {
                 let share = kv / running;
@@ -241,9 +247,16 @@ impl OnlineModel {
         (c[0].max(0.0) + c[1].max(0.0) * s * MS + c[2].max(0.0) * prompt / P_SCALE * (1.0 + r)) / MS
     }
 
-    /// Most requests one replica runs at once: `max_num_seqs`, or what fits the KV cache.
-    pub fn max_concurrency(&self, max_num_seqs: f64) -> f64 {
-        let kv = self.kv_per_request.map_or(f64::INFINITY, |k| 0.95 / k);
+    /// Most requests of this mix one replica runs at once: `max_num_seqs`, or what fits the KV
+    /// cache. The KV share a running request was seen to hold wins; before there is one, the
+    /// server's KV capacity over a request's mean footprint (its prompt and half its output).
+    pub fn max_concurrency(&self, max_num_seqs: f64, prompt: f64, output: f64) -> f64 {
+        let footprint = prompt + output / 2.0;
+        let kv = match (self.kv_per_request, self.kv_cache_tokens) {
+            (Some(k), _) => 0.95 / k,
+            (None, Some(tokens)) if footprint > 0.0 => 0.95 * tokens / footprint,
+            _ => f64::INFINITY,
+        };
         max_num_seqs.min(kv)
     }
 
@@ -260,7 +273,7 @@ impl OnlineModel {
         let r = Self::slowdown(clock_mhz, max_mhz);
         let c = self.coefficients(clock_mhz, max_mhz);
         let per_request = c.beta_s * output + c.delta_s * prompt;
-        let n_max = self.max_concurrency(max_num_seqs);
+        let n_max = self.max_concurrency(max_num_seqs, prompt, output);
         let at = |rate: f64| {
             let load = rate * per_request;
             let s = c.alpha_s / (1.0 - load).max(1e-9);
@@ -361,6 +374,29 @@ mod tests {
         let fast = m.capacity(500.0, 300.0, obj, 1980.0, 1980.0, 1e9).max_rate;
         let slow = m.capacity(500.0, 300.0, obj, 990.0, 1980.0, 1e9).max_rate;
         assert!(slow < 0.8 * fast, "{slow} vs {fast}");
+    }
+
+    #[test]
+    fn the_kv_capacity_vllm_reports_bounds_concurrency_until_usage_is_seen() {
+        let mut m = OnlineModel::new();
+        assert_eq!(m.max_concurrency(256.0, 1000.0, 200.0), 256.0, "nothing known: max_num_seqs");
+        let mut w = window(1.0, 1000.0, 200.0, 0.01, 0.0, 0.0);
+        w.cache = Some(vllm_metrics::CacheConfig {
+            block_size: Some(16.0),
+            num_blocks: Some(3000.0),
+            kv_cache_tokens: Some(48_000.0),
+            max_concurrency_at_max_len: Some(5.9),
+            prefix_caching: Some(true),
+        });
+        w.num_requests_running = Some(1.0);
+        m.observe(&w, 1980.0, 1980.0, 1.0);
+        // 48000 tokens / (1000 + 200 / 2) per request, less the 5% margin.
+        assert!((m.max_concurrency(256.0, 1000.0, 200.0) - 0.95 * 48_000.0 / 1100.0).abs() < 1e-9);
+        // Seen usage wins: 4 running requests holding 20% of the cache.
+        w.num_requests_running = Some(4.0);
+        w.kv_cache_usage = Some(0.2);
+        m.observe(&w, 1980.0, 1980.0, 1.0);
+        assert!((m.max_concurrency(256.0, 1000.0, 200.0) - 0.95 / 0.05).abs() < 1e-9);
     }
 
     #[test]

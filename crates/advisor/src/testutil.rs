@@ -8,24 +8,7 @@ pub fn lat(count: f64, mean: f64) -> Latency {
 
 /// What a vLLM that answers but exports nothing useful gives (e.g. a restart in progress).
 pub fn empty() -> Window {
-    Window {
-        seconds: 1.0,
-        counter_reset: false,
-        num_requests_running: None,
-        num_requests_waiting: None,
-        kv_cache_usage: None,
-        request_rate: None,
-        prompt_tokens_rate: None,
-        generation_tokens_rate: None,
-        prefix_hit_ratio: None,
-        preemptions: None,
-        tokens_per_iteration: None,
-        mean_prompt_tokens: None,
-        mean_generation_tokens: None,
-        ttft: None,
-        itl: None,
-        e2e: None,
-    }
+    Window { seconds: 1.0, ..Window::default() }
 }
 
 /// One second of a server that finished `rate` requests of `prompt` / `output` tokens with

@@ -138,21 +138,15 @@ pub(crate) mod tests {
     pub(crate) fn window(waiting: f64, running: f64, prompt_rate: f64, gen_rate: f64) -> Window {
         Window {
             seconds: 1.0,
-            counter_reset: false,
             num_requests_running: Some(running),
             num_requests_waiting: Some(waiting),
             kv_cache_usage: Some(0.1),
             request_rate: Some(1.0),
             prompt_tokens_rate: Some(prompt_rate),
             generation_tokens_rate: Some(gen_rate),
-            prefix_hit_ratio: None,
             preemptions: Some(0.0),
             tokens_per_iteration: Some(running.max(1.0)),
-            mean_prompt_tokens: None,
-            mean_generation_tokens: None,
-            ttft: None,
-            itl: None,
-            e2e: None,
+            ..Window::default()
         }
     }
 

@@ -31,9 +31,8 @@ impl Outcome {
         let count = |r: Option<f64>| r.filter(|r| r.is_finite() && *r >= 0.0).map_or(0.0, |r| r * w.seconds);
         let tokens = count(w.generation_tokens_rate);
         let prompt_tokens = count(w.prompt_tokens_rate);
-        let mean =
-            |l: &Option<vllm_metrics::Latency>| l.as_ref().and_then(|l| l.mean).filter(|v| v.is_finite() && *v >= 0.0);
-        Self { tokens, prompt_tokens, energy_j, seconds, ttft_s: mean(&w.ttft), tpot_s: mean(&w.itl) }
+        let mean = |l: Option<&vllm_metrics::Latency>| l.and_then(|l| l.mean).filter(|v| v.is_finite() && *v >= 0.0);
+        Self { tokens, prompt_tokens, energy_j, seconds, ttft_s: mean(w.ttft.as_ref()), tpot_s: mean(w.tpot_or_itl()) }
     }
 
     /// Joules per generated token x mean TPOT (J*s per token); None without tokens or TPOT.

@@ -133,7 +133,7 @@ pub fn meets(seg: &Segment, rate: f64, n: u32, opts: &ReplayOptions, seed: u64) 
     let mean = |l: &Option<vllm_metrics::Latency>| l.as_ref().and_then(|l| l.mean);
     // A window without a finished first token or decoding step is idle: nothing to break.
     let ttft_ok = mean(&w.ttft).is_none_or(|t| t <= opts.objectives.ttft_s);
-    let tpot_ok = mean(&w.itl).is_none_or(|t| t <= opts.objectives.tpot_s);
+    let tpot_ok = w.tpot_or_itl().and_then(|l| l.mean).is_none_or(|t| t <= opts.objectives.tpot_s);
     // Requests still waiting at the end that arrived long ago would break TTFT later.
     let backlog = w.num_requests_waiting.unwrap_or(0.0) > rate / f64::from(n) * opts.objectives.ttft_s + 1.0;
     Ok(ttft_ok && tpot_ok && !backlog)

@@ -19,7 +19,7 @@ mod window;
 pub use inspect::inspect_text;
 pub use parse::{parse, Exposition, MetricType, ParseError, Sample};
 pub use scrape::{scrape, ScrapeError, Scraper, MAX_BODY_BYTES};
-pub use snapshot::{names, Histogram, Snapshot, Version};
+pub use snapshot::{names, CacheConfig, Histogram, Snapshot, Version};
 pub use window::{Latency, Window};
 
 /// The fixtures in crates/vllm-metrics/fixtures, shared by the tests of the submodules.
@@ -27,6 +27,10 @@ pub use window::{Latency, Window};
 pub(crate) mod testdata {
     pub const V0: &str = include_str!("../fixtures/v0-opt125m.txt");
     pub const V1: &str = include_str!("../fixtures/v1-docs-excerpt.txt");
+    /// vLLM 0.32.0's CPU build serving the tiny model, idle, then after exactly 40 requests of
+    /// 256 prompt and 32 output tokens sharing a 128-token prefix (`gpu-agent loadgen`).
+    pub const V1_CPU_IDLE: &str = include_str!("../fixtures/v1-0.32-cpu-idle.txt");
+    pub const V1_CPU_AFTER_40: &str = include_str!("../fixtures/v1-0.32-cpu-after-40.txt");
 
     /// The docs excerpt without its `...` gap markers, which are not exposition text.
     pub fn v1_without_gaps() -> String {

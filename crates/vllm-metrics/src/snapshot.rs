@@ -33,6 +33,14 @@ pub mod names {
     pub const REQUEST_PROMPT_TOKENS: &str = "vllm:request_prompt_tokens";
     pub const REQUEST_GENERATION_TOKENS: &str = "vllm:request_generation_tokens";
     pub const ITERATION_TOKENS: &str = "vllm:iteration_tokens_total";
+    /// Per request: decode time / (output tokens - 1), what benchmarks call TPOT (V1).
+    pub const REQUEST_TPOT: &str = "vllm:request_time_per_output_token_seconds";
+    pub const QUEUE_TIME: &str = "vllm:request_queue_time_seconds";
+    pub const PREFILL_TIME: &str = "vllm:request_prefill_time_seconds";
+    pub const DECODE_TIME: &str = "vllm:request_decode_time_seconds";
+    pub const ADMISSION_REJECTIONS: &str = "vllm:admission_rejections_total";
+    /// An info gauge whose labels are the engine's cache config (block size, KV capacity).
+    pub const CACHE_CONFIG: &str = "vllm:cache_config_info";
 
     /// Names only V1 exports.
     pub const V1_ONLY: &[&str] = &[
@@ -140,6 +148,20 @@ fn serialize_buckets<S: Serializer>(buckets: &[(f64, f64)], s: S) -> Result<S::O
     seq.end()
 }
 
+/// The KV cache an engine set up, from the labels of `vllm:cache_config_info` (summed over
+/// engines: the capacity of the whole server). Fields a release does not label are None.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CacheConfig {
+    pub block_size: Option<f64>,
+    /// KV blocks allocated (`num_gpu_blocks`, also on the CPU build).
+    pub num_blocks: Option<f64>,
+    /// Tokens the KV cache holds: `kv_cache_size_tokens`, else blocks x block size.
+    pub kv_cache_tokens: Option<f64>,
+    /// Requests of `--max-model-len` tokens that fit at once (`kv_cache_max_concurrency`).
+    pub max_concurrency_at_max_len: Option<f64>,
+    pub prefix_caching: Option<bool>,
+}
+
 /// What one `/metrics` response says, reduced to the quantities the agent uses.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Snapshot {
@@ -160,12 +182,20 @@ pub struct Snapshot {
     pub prefix_cache_queries_total: Option<f64>,
     pub prefix_cache_hits_total: Option<f64>,
     pub num_preemptions_total: Option<f64>,
+    /// Requests refused before they were queued (`max_num_queued_*` limits), all reasons.
+    pub admission_rejections_total: Option<f64>,
     pub ttft_seconds: Option<Histogram>,
     pub itl_seconds: Option<Histogram>,
+    /// Per-request TPOT (V1 only); the objective is checked on it where served.
+    pub tpot_seconds: Option<Histogram>,
     pub e2e_seconds: Option<Histogram>,
+    pub queue_seconds: Option<Histogram>,
+    pub prefill_seconds: Option<Histogram>,
+    pub decode_seconds: Option<Histogram>,
     pub prompt_tokens: Option<Histogram>,
     pub generation_tokens: Option<Histogram>,
     pub iteration_tokens: Option<Histogram>,
+    pub cache: Option<CacheConfig>,
 }
 
 impl Snapshot {
@@ -205,12 +235,18 @@ impl Snapshot {
             prefix_cache_queries_total: idx.first(names::PREFIX_QUERIES, Index::sum),
             prefix_cache_hits_total: idx.first(names::PREFIX_HITS, Index::sum),
             num_preemptions_total: idx.sum(names::PREEMPTIONS),
+            admission_rejections_total: idx.sum(names::ADMISSION_REJECTIONS),
             ttft_seconds: idx.histogram(names::TTFT),
             itl_seconds: idx.first(names::ITL, Index::histogram),
+            tpot_seconds: idx.histogram(names::REQUEST_TPOT),
             e2e_seconds: idx.histogram(names::E2E),
+            queue_seconds: idx.histogram(names::QUEUE_TIME),
+            prefill_seconds: idx.histogram(names::PREFILL_TIME),
+            decode_seconds: idx.histogram(names::DECODE_TIME),
             prompt_tokens: idx.histogram(names::REQUEST_PROMPT_TOKENS),
             generation_tokens: idx.histogram(names::REQUEST_GENERATION_TOKENS),
             iteration_tokens: idx.histogram(names::ITERATION_TOKENS),
+            cache: idx.cache_config(),
         }
     }
 }
@@ -250,6 +286,32 @@ impl<'a> Index<'a> {
         names.iter().find_map(|n| f(self, n))
     }
 
+    /// `cache_config_info` labels, numbers summed over engines ("None" labels are skipped).
+    fn cache_config(&self) -> Option<CacheConfig> {
+        let series = self.series(names::CACHE_CONFIG);
+        if series.is_empty() {
+            return None;
+        }
+        let total = |label: &str| -> Option<f64> {
+            let values: Vec<f64> = series.iter().filter_map(|s| s.label(label).and_then(parse_float)).collect();
+            (!values.is_empty()).then(|| values.iter().sum())
+        };
+        let block_size = series.iter().find_map(|s| s.label("block_size").and_then(parse_float));
+        let num_blocks = total("num_gpu_blocks");
+        let kv_cache_tokens = total("kv_cache_size_tokens").or_else(|| Some(num_blocks? * block_size?));
+        Some(CacheConfig {
+            block_size,
+            num_blocks,
+            kv_cache_tokens,
+            max_concurrency_at_max_len: total("kv_cache_max_concurrency"),
+            prefix_caching: series.iter().find_map(|s| match s.label("enable_prefix_caching") {
+                Some("True" | "true") => Some(true),
+                Some("False" | "false") => Some(false),
+                _ => None,
+            }),
+        })
+    }
+
     fn histogram(&self, base: &str) -> Option<Histogram> {
         let mut buckets: Vec<(f64, f64)> = Vec::new();
         for s in self.series(&format!("{base}_bucket")) {
@@ -271,7 +333,37 @@ impl<'a> Index<'a> {
 mod tests {
     use super::*;
 
-    use crate::testdata::{v1_without_gaps as v1, V0};
+    use crate::testdata::{v1_without_gaps as v1, V0, V1_CPU_AFTER_40, V1_CPU_IDLE};
+
+    #[test]
+    fn a_real_v1_server_after_a_known_load() {
+        let s = Snapshot::from_text(V1_CPU_AFTER_40).expect("parses");
+        assert_eq!(s.version, Version::V1);
+        assert_eq!((s.model_names.as_slice(), s.engines), (&["tiny-llama".to_string()][..], 1));
+        assert_eq!(s.request_success_total, Some(40.0));
+        assert_eq!(s.prompt_tokens_total, Some(40.0 * 256.0));
+        assert_eq!(s.generation_tokens_total, Some(40.0 * 32.0));
+        assert_eq!(s.prefix_cache_queries_total, Some(10240.0));
+        assert_eq!(s.prefix_cache_hits_total, Some(39.0 * 128.0), "the 128-token prefix, one 128-token block");
+        assert_eq!(s.admission_rejections_total, Some(0.0));
+        for (name, h) in [("ttft", &s.ttft_seconds), ("tpot", &s.tpot_seconds), ("e2e", &s.e2e_seconds)] {
+            assert_eq!(h.as_ref().map(|h| h.count), Some(40.0), "{name}");
+        }
+        for (name, h) in [("queue", &s.queue_seconds), ("prefill", &s.prefill_seconds), ("decode", &s.decode_seconds)] {
+            assert_eq!(h.as_ref().map(|h| h.count), Some(40.0), "{name}");
+        }
+        assert_eq!(s.itl_seconds.as_ref().map(|h| h.count), Some(40.0 * 31.0));
+        assert_eq!(s.generation_tokens.as_ref().and_then(|h| h.sum), Some(1280.0));
+        let c = s.cache.expect("cache_config_info");
+        assert_eq!(c.block_size, Some(128.0));
+        assert_eq!(c.num_blocks, Some(16384.0));
+        assert_eq!(c.kv_cache_tokens, Some(2_097_152.0));
+        assert_eq!(c.max_concurrency_at_max_len, Some(1024.0));
+        assert_eq!(c.prefix_caching, Some(true));
+        let idle = Snapshot::from_text(V1_CPU_IDLE).expect("parses");
+        assert_eq!((idle.request_success_total, idle.generation_tokens_total), (Some(0.0), Some(0.0)));
+        assert_eq!(idle.tpot_seconds.map(|h| h.count), Some(0.0));
+    }
 
     #[test]
     fn v0_fixture_reduces_with_fallback_names() {

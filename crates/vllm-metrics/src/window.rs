@@ -9,7 +9,7 @@
 
 use serde::Serialize;
 
-use super::snapshot::{Histogram, Snapshot};
+use super::snapshot::{CacheConfig, Histogram, Snapshot};
 
 /// Latency statistics of one histogram over a window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -47,9 +47,18 @@ pub struct Window {
     /// Mean prompt and output length of the requests finished in the window.
     pub mean_prompt_tokens: Option<f64>,
     pub mean_generation_tokens: Option<f64>,
+    /// Requests refused at admission in the window.
+    pub admission_rejections: Option<f64>,
     pub ttft: Option<Latency>,
     pub itl: Option<Latency>,
+    /// Per-request TPOT where the server exports it (V1's `request_time_per_output_token`).
+    pub tpot: Option<Latency>,
     pub e2e: Option<Latency>,
+    pub queue: Option<Latency>,
+    pub prefill: Option<Latency>,
+    pub decode: Option<Latency>,
+    /// The KV cache of the newer snapshot.
+    pub cache: Option<CacheConfig>,
 }
 
 impl Window {
@@ -94,9 +103,22 @@ impl Window {
             mean_prompt_tokens: mean_of(hist(|s| s.prompt_tokens.as_ref())),
             mean_generation_tokens: mean_of(hist(|s| s.generation_tokens.as_ref())),
             ttft: hist(|s| s.ttft_seconds.as_ref()).map(|h| latency(&h)),
+            admission_rejections: counter(|s| s.admission_rejections_total),
             itl: hist(|s| s.itl_seconds.as_ref()).map(|h| latency(&h)),
+            tpot: hist(|s| s.tpot_seconds.as_ref()).map(|h| latency(&h)),
             e2e: hist(|s| s.e2e_seconds.as_ref()).map(|h| latency(&h)),
+            queue: hist(|s| s.queue_seconds.as_ref()).map(|h| latency(&h)),
+            prefill: hist(|s| s.prefill_seconds.as_ref()).map(|h| latency(&h)),
+            decode: hist(|s| s.decode_seconds.as_ref()).map(|h| latency(&h)),
+            cache: cur.cache.clone(),
         }
+    }
+
+    /// Time per output token as the TPOT objective means it: the per-request histogram where
+    /// the server exports it (mean over requests, as `vllm bench serve` reports TPOT), else
+    /// inter-token latency (mean over tokens; V0 and servers without it).
+    pub fn tpot_or_itl(&self) -> Option<&Latency> {
+        self.tpot.as_ref().filter(|l| l.count > 0.0).or(self.itl.as_ref())
     }
 }
 
@@ -123,7 +145,8 @@ fn delta(cur: &Histogram, prev: &Histogram) -> Histogram {
 /// True when any cumulative value of `cur` is below its value in `prev`, or a histogram's
 /// bucket bounds changed: the signs of a restart.
 fn went_down(prev: &Snapshot, cur: &Snapshot) -> bool {
-    let counters: [fn(&Snapshot) -> Option<f64>; 6] = [
+    let counters: [fn(&Snapshot) -> Option<f64>; 7] = [
+        |s| s.admission_rejections_total,
         |s| s.prompt_tokens_total,
         |s| s.generation_tokens_total,
         |s| s.request_success_total,
@@ -132,9 +155,13 @@ fn went_down(prev: &Snapshot, cur: &Snapshot) -> bool {
         |s| s.num_preemptions_total,
     ];
     let counter_down = counters.iter().any(|f| matches!((f(prev), f(cur)), (Some(p), Some(c)) if c < p));
-    let hists: [fn(&Snapshot) -> Option<&Histogram>; 6] = [
+    let hists: [fn(&Snapshot) -> Option<&Histogram>; 10] = [
         |s| s.ttft_seconds.as_ref(),
         |s| s.itl_seconds.as_ref(),
+        |s| s.tpot_seconds.as_ref(),
+        |s| s.queue_seconds.as_ref(),
+        |s| s.prefill_seconds.as_ref(),
+        |s| s.decode_seconds.as_ref(),
         |s| s.e2e_seconds.as_ref(),
         |s| s.prompt_tokens.as_ref(),
         |s| s.generation_tokens.as_ref(),
@@ -189,6 +216,23 @@ vllm:iteration_tokens_total_sum{{engine="0",model_name="m"}} {}
             success * 10.0,
             prompt + gen,
         )
+    }
+
+    #[test]
+    fn tpot_is_the_per_request_histogram_where_served() {
+        use crate::testdata::{V1_CPU_AFTER_40, V1_CPU_IDLE};
+        let w = Window::between(&snap(V1_CPU_IDLE), &snap(V1_CPU_AFTER_40), 8.0);
+        assert!(!w.counter_reset);
+        assert_eq!(w.request_rate, Some(5.0));
+        let tpot = w.tpot_or_itl().expect("tpot");
+        assert_eq!(tpot.count, 40.0, "one observation per request, not per token");
+        assert!(tpot.mean.is_some_and(|m| m > 0.0 && m < 0.05), "{tpot:?}");
+        assert_eq!(w.itl.as_ref().map(|l| l.count), Some(1240.0));
+        assert_eq!(w.cache.as_ref().and_then(|c| c.kv_cache_tokens), Some(2_097_152.0));
+        assert_eq!(w.prefix_hit_ratio, Some(4992.0 / 10240.0));
+        // Without the per-request histogram (V0, the simulator) it is inter-token latency.
+        let v0 = Window::between(&snap(crate::testdata::V0), &snap(crate::testdata::V0), 1.0);
+        assert!(v0.tpot.is_none() && v0.tpot_or_itl() == v0.itl.as_ref());
     }
 
     fn snap(t: &str) -> Snapshot {
