@@ -139,25 +139,32 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
-/// Value of the first sample of `name` whose label set contains every `labels` pair, from
+/// Values of the samples of `name` whose label set contains every `labels` pair, from
 /// Prometheus text.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+fn samples<'a>(text: &'a str, name: &'a str, labels: &'a [(&str, &str)]) -> impl Iterator<Item = f64> + 'a {
+    text.lines().filter(|l| !l.starts_with('#')).filter_map(move |line| {
         let (series, value) = line.rsplit_once(' ')?;
         let (n, label_text) = match series.split_once('{') {
             Some((n, rest)) => (n, rest.trim_end_matches('}')),
             None => (series, ""),
         };
-        if n != name {
-            return None;
-        }
         let all = labels.iter().all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
-        if all {
+        if n == name && all {
             value.parse().ok()
         } else {
             None
         }
     })
+}
+
+/// Value of the first sample of `name` whose label set contains every `labels` pair.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples(text, name, labels).next()
+}
+
+/// Sum of every such sample (a counter vLLM splits by `finished_reason`, say); None when none.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples(text, name, labels).reduce(|a, b| a + b)
 }
 
 /// promtool from $PROMTOOL or PATH. CI installs it (see .ci/run); elsewhere the check is

@@ -224,7 +224,9 @@ impl AgentMetrics {
                 gauge.set(v);
             }
         }
-        for (kind, lat) in [("ttft", &w.ttft), ("itl", &w.itl), ("e2e", &w.e2e)] {
+        // `tpot` (per request) only where vLLM exports it; the others from every release.
+        let kinds = [("ttft", &w.ttft), ("itl", &w.itl), ("tpot", &w.tpot), ("e2e", &w.e2e), ("queue", &w.queue)];
+        for (kind, lat) in kinds {
             let Some(lat) = lat else { continue };
             for (stat, v) in [("mean", lat.mean), ("p50", lat.p50), ("p90", lat.p90), ("p99", lat.p99)] {
                 if let Some(v) = v {
