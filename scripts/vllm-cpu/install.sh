@@ -66,6 +66,8 @@ if [ ! -f "$model/.complete" ]; then
     rm -rf "$model"
     "$venv/bin/python" "$here/tiny_model.py" "$model" >&2
     touch "$model/.complete"
+    # Models an older script built.
+    find "$root" -maxdepth 1 -name 'tiny-llama-*' ! -path "$model" -exec rm -rf {} +
 fi
 
 cat >"$envfile" <<ENV
