@@ -9,6 +9,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
+use loadgen::prompt::count_tokens;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -107,10 +108,11 @@ struct StreamOptions {
     include_usage: bool,
 }
 
-/// Token count a prompt stands for: ids count one each, text about four characters a token.
+/// Token count a prompt stands for: ids count one each, text by loadgen's one rule
+/// ([`count_tokens`]); empty text is one token, the BOS vLLM adds.
 fn prompt_len(prompt: &Value) -> Result<u32, String> {
     match prompt {
-        Value::String(s) => Ok(u32::try_from(s.chars().count() / 4).unwrap_or(u32::MAX).max(1)),
+        Value::String(s) => Ok(count_tokens(s).max(1)),
         Value::Array(items) if items.is_empty() => Err("prompt must not be empty".into()),
         Value::Array(items) if items.iter().all(|v| v.as_u64().is_some()) => {
             Ok(u32::try_from(items.len()).unwrap_or(u32::MAX))
