@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::stream::{wait_whole, ChunkCtx, SseBody};
 use super::{unix_now, Shared, DEFAULT_MAX_TOKENS, METRICS_CONTENT_TYPE};
-use crate::engine::SimRequest;
+use crate::engine::{BlockHasher, SimRequest};
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 32 << 20;
@@ -126,7 +126,8 @@ fn prompt_len(prompt: &Value) -> Result<u32, String> {
     }
 }
 
-async fn completions(shared: Arc<Shared>, req: Request<Incoming>) -> Response<RespBody> {
+async fn completions(shared_state: Arc<Shared>, req: Request<Incoming>) -> Response<RespBody> {
+    let shared = &shared_state;
     let bytes = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -167,17 +168,15 @@ async fn completions(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Re
             ),
         );
     }
-    let sim_req = SimRequest {
-        prompt_tokens,
-        max_tokens,
-        prefix_id: body.prefix_id,
-        prefix_tokens: if body.prefix_id.is_some() {
-            body.prefix_tokens.unwrap_or(prompt_tokens).min(prompt_tokens)
-        } else {
-            0
-        },
+    let block_hashes = match body.prefix_id {
+        Some(id) => {
+            let shared = body.prefix_tokens.unwrap_or(prompt_tokens).min(prompt_tokens);
+            BlockHasher::with_prefix_group(shared_state.block_size, id, shared).finish()
+        }
+        None => Vec::new(),
     };
-    let Some((guard, rx)) = shared.submit(sim_req) else {
+    let sim_req = SimRequest { prompt_tokens, max_tokens, block_hashes };
+    let Some((guard, rx)) = shared_state.submit(sim_req) else {
         return error_resp(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableError", "server is shutting down");
     };
     let ctx = ChunkCtx {

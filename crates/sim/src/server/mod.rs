@@ -71,6 +71,7 @@ impl SimServer {
     pub async fn start(cfg: EngineConfig, gpu: Arc<SimGpu>, addr: SocketAddr) -> Result<SimServer, ServerError> {
         let model = cfg.model_name.clone();
         let max_model_len = cfg.max_model_len;
+        let block_size = cfg.block_size;
         let engine = Engine::new(cfg, gpu)?;
         let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
@@ -83,6 +84,7 @@ impl SimServer {
             epoch,
             model,
             max_model_len,
+            block_size,
             created: unix_now(),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -142,6 +144,8 @@ struct Shared {
     epoch: Instant,
     model: String,
     max_model_len: u32,
+    /// The engine's KV block size, which the prefix cache's block hashes follow.
+    block_size: u32,
     created: u64,
 }
 
