@@ -1,5 +1,6 @@
-//! A completion's answer: one JSON object at the end, or a server-sent event per token as the
-//! engine task delivers them.
+//! A generation's answer, completion or chat: one JSON object at the end, or a server-sent
+//! event per token as the engine task delivers them, in vLLM's shapes (fields set to null
+//! where vLLM writes null, left out where vLLM leaves them out).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -11,15 +12,35 @@ use hyper::{Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use super::http::{error_resp, json_resp, RespBody};
+use super::http::{json_resp, ApiError, RespBody};
+use super::request::Api;
 use super::RequestGuard;
 use crate::engine::{FinishReason, TokenEvent};
 
 /// Words the simulated model "generates", one per token.
 const FILLER: [&str; 8] = [" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy"];
 
-/// What every chunk of one completion repeats.
+impl Api {
+    /// Prefix of the answer's `id`.
+    pub(super) fn id_prefix(self) -> &'static str {
+        match self {
+            Api::Completion => "cmpl",
+            Api::Chat => "chatcmpl",
+        }
+    }
+
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Api::Completion, _) => "text_completion",
+            (Api::Chat, false) => "chat.completion",
+            (Api::Chat, true) => "chat.completion.chunk",
+        }
+    }
+}
+
+/// What every chunk of one answer repeats.
 pub(super) struct ChunkCtx {
+    pub(super) api: Api,
     pub(super) id: String,
     pub(super) created: u64,
     pub(super) model: String,
@@ -31,20 +52,90 @@ impl ChunkCtx {
     fn usage(&self, completion: u32) -> Value {
         json!({
             "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
+            "completion_tokens": completion,
         })
     }
 
-    fn chunk(&self, text: &str, finish: Option<&str>) -> Bytes {
-        let v = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null}],
-        });
-        Bytes::from(format!("data: {v}\n\n"))
+    fn envelope(&self, chunk: bool, choices: Value) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), self.id.clone().into());
+        m.insert("object".into(), self.api.object(chunk).into());
+        m.insert("created".into(), self.created.into());
+        m.insert("model".into(), self.model.clone().into());
+        m.insert("choices".into(), choices);
+        m
+    }
+
+    fn event(v: &serde_json::Map<String, Value>) -> Bytes {
+        Bytes::from(format!("data: {}\n\n", Value::Object(v.clone())))
+    }
+
+    /// The events for one generated `text` (`finish` on the last): a chat's first token comes
+    /// after a chunk that opens the assistant's message, as vLLM sends it.
+    fn token_events(&self, text: &str, first: bool, finish: Option<&str>) -> Vec<Bytes> {
+        match self.api {
+            Api::Completion => {
+                // vLLM writes completion chunks with every field, `usage` null included.
+                let choice =
+                    json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null});
+                let mut m = self.envelope(true, json!([choice]));
+                m.insert("usage".into(), Value::Null);
+                vec![Self::event(&m)]
+            }
+            Api::Chat => {
+                // vLLM writes chat chunks with only the fields it set.
+                let mut out = Vec::with_capacity(2);
+                if first {
+                    let delta = json!({"role": "assistant", "content": ""});
+                    let choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null});
+                    out.push(Self::event(&self.envelope(true, json!([choice]))));
+                }
+                let mut choice =
+                    json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": finish});
+                if finish.is_some() {
+                    choice["stop_reason"] = Value::Null;
+                }
+                out.push(Self::event(&self.envelope(true, json!([choice]))));
+                out
+            }
+        }
+    }
+
+    /// The last event before `[DONE]` when usage was asked for.
+    fn usage_event(&self, completion: u32) -> Bytes {
+        let mut m = self.envelope(true, json!([]));
+        m.insert("usage".into(), self.usage(completion));
+        Self::event(&m)
+    }
+
+    /// The whole answer of a non-streaming request.
+    fn whole(&self, text: &str, reason: &str, completion: u32) -> Value {
+        let choice = match self.api {
+            Api::Completion => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": reason, "stop_reason": null,
+                "prompt_logprobs": null,
+            }),
+            Api::Chat => json!({
+                "index": 0,
+                "message": {
+                    "role": "assistant", "content": text, "refusal": null, "annotations": null, "audio": null,
+                    "function_call": null, "tool_calls": [], "reasoning_content": null,
+                },
+                "logprobs": null, "finish_reason": reason, "stop_reason": null,
+            }),
+        };
+        let mut m = self.envelope(false, json!([choice]));
+        m.insert("service_tier".into(), Value::Null);
+        m.insert("system_fingerprint".into(), Value::Null);
+        let mut usage = self.usage(completion);
+        usage["prompt_tokens_details"] = Value::Null;
+        m.insert("usage".into(), usage);
+        if self.api == Api::Chat {
+            m.insert("prompt_logprobs".into(), Value::Null);
+        }
+        m.insert("kv_transfer_params".into(), Value::Null);
+        Value::Object(m)
     }
 }
 
@@ -55,7 +146,7 @@ fn reason_str(r: FinishReason) -> &'static str {
     }
 }
 
-/// Non-streaming: wait for the end and answer with one completion object.
+/// Non-streaming: wait for the end and answer with one object.
 pub(super) async fn wait_whole(
     mut guard: RequestGuard,
     mut rx: UnboundedReceiver<TokenEvent>,
@@ -66,28 +157,12 @@ pub(super) async fn wait_whole(
         match rx.recv().await {
             Some(TokenEvent::First { .. } | TokenEvent::Token { .. }) => tokens += 1,
             Some(TokenEvent::Finished { reason, .. }) => break reason,
-            None => {
-                return error_resp(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailableError",
-                    "server is shutting down",
-                )
-            }
+            None => return ApiError::shutting_down().into_response(),
         }
     };
     guard.finished = true;
     let text: String = (0..tokens).map(|i| FILLER[i as usize % FILLER.len()]).collect();
-    json_resp(
-        StatusCode::OK,
-        &json!({
-            "id": ctx.id,
-            "object": "text_completion",
-            "created": ctx.created,
-            "model": ctx.model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": reason_str(reason), "stop_reason": null}],
-            "usage": ctx.usage(tokens),
-        }),
-    )
+    json_resp(StatusCode::OK, &ctx.whole(&text, reason_str(reason), tokens))
 }
 
 /// Streaming body: one SSE chunk per token, then an optional usage chunk and `[DONE]`.
@@ -120,26 +195,19 @@ impl SseBody {
         match ev {
             TokenEvent::First { .. } | TokenEvent::Token { .. } => {
                 let word = FILLER[self.tokens as usize % FILLER.len()];
+                let first = self.tokens == 0;
                 self.tokens += 1;
                 let last = self.tokens >= self.ctx.max_tokens;
                 self.reason_sent |= last;
-                out.push(self.ctx.chunk(word, last.then_some("length")));
+                out.extend(self.ctx.token_events(word, first, last.then_some("length")));
             }
             TokenEvent::Finished { reason, .. } => {
                 self.guard.finished = true;
                 if !self.reason_sent {
-                    out.push(self.ctx.chunk("", Some(reason_str(reason))));
+                    out.extend(self.ctx.token_events("", self.tokens == 0, Some(reason_str(reason))));
                 }
                 if self.include_usage {
-                    let v = json!({
-                        "id": self.ctx.id,
-                        "object": "text_completion",
-                        "created": self.ctx.created,
-                        "model": self.ctx.model,
-                        "choices": [],
-                        "usage": self.ctx.usage(self.tokens),
-                    });
-                    out.push(Bytes::from(format!("data: {v}\n\n")));
+                    out.push(self.ctx.usage_event(self.tokens));
                 }
                 out.push(Bytes::from_static(b"data: [DONE]\n\n"));
                 self.ended = true;
