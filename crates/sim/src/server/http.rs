@@ -28,28 +28,78 @@ pub(super) type RespBody = BoxBody<Bytes, Infallible>;
 pub(super) struct ApiError {
     status: StatusCode,
     kind: &'static str,
+    param: Option<String>,
     message: String,
 }
 
 impl ApiError {
+    /// One of vLLM's own checks failed (`BadRequestError`).
     pub(super) fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::BAD_REQUEST, kind: "BadRequestError", message: message.into() }
+        ApiError { status: StatusCode::BAD_REQUEST, kind: "BadRequestError", param: None, message: message.into() }
     }
 
-    fn not_found(message: impl Into<String>) -> ApiError {
-        ApiError { status: StatusCode::NOT_FOUND, kind: "NotFoundError", message: message.into() }
+    /// vLLM's check of one parameter failed: it names the parameter in `param` and, with its
+    /// value, at the end of the message.
+    pub(super) fn bad_param(param: &str, value: impl std::fmt::Display, message: impl std::fmt::Display) -> ApiError {
+        ApiError {
+            param: Some(param.into()),
+            ..ApiError::bad_request(format!("{message} (parameter={param}, value={value})"))
+        }
+    }
+
+    /// The body does not fit the request model: FastAPI's validation error as vLLM reports it
+    /// (pydantic's error line; the location, e.g. `body.messages`, as `param`).
+    pub(super) fn validation(loc: impl Into<String>, kind: &str, msg: impl std::fmt::Display) -> ApiError {
+        let loc = loc.into();
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "Bad Request",
+            message: format!("1 validation error:\n  {{'type': '{kind}', 'loc': '{loc}', 'msg': '{msg}'}}"),
+            param: Some(loc),
+        }
+    }
+
+    fn unknown_model(model: &str, served: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "NotFoundError",
+            param: Some("model".into()),
+            message: format!("The model `{model}` does not exist. Valid aliases: {served}"),
+        }
     }
 
     pub(super) fn shutting_down() -> ApiError {
         ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             kind: "ServiceUnavailableError",
+            param: None,
             message: "server is shutting down".into(),
         }
     }
 
     pub(super) fn into_response(self) -> Response<RespBody> {
-        error_resp(self.status, self.kind, self.message)
+        error_resp(self.status, self.kind, self.param.as_deref(), self.message)
+    }
+}
+
+/// A body that is not JSON, reported as vLLM reports it: a `json_invalid` validation error at
+/// the character where Python's parser gave up.
+fn json_error(bytes: &[u8], e: &serde_json::Error) -> ApiError {
+    let pos = if e.is_eof() {
+        bytes.len()
+    } else {
+        let line_start: usize =
+            bytes.split(|&b| b == b'\n').take(e.line().saturating_sub(1)).map(|l| l.len() + 1).sum();
+        line_start + e.column().saturating_sub(1)
+    };
+    let reason = if e.is_eof() { "Expecting value".to_string() } else { e.to_string() };
+    let loc = format!("body.{pos}");
+    ApiError {
+        message: format!(
+            "1 validation error:\n  {{'type': 'json_invalid', 'loc': '{loc}', 'msg': 'JSON decode error', \
+             'input': '<dict of 0 items>', 'ctx': {{'error': '{reason}'}}}}"
+        ),
+        ..ApiError::validation(loc, "json_invalid", "")
     }
 }
 
@@ -66,13 +116,9 @@ pub(super) fn json_resp(status: StatusCode, v: &Value) -> Response<RespBody> {
     full(status, "application/json", v.to_string())
 }
 
-/// vLLM's OpenAI-style error body.
-pub(super) fn error_resp(status: StatusCode, kind: &str, message: impl Into<String>) -> Response<RespBody> {
-    let message = message.into();
-    json_resp(
-        status,
-        &json!({"object": "error", "message": message, "type": kind, "param": null, "code": status.as_u16()}),
-    )
+/// vLLM's error body (OpenAI's: `{"error": {...}}`).
+pub(super) fn error_resp(status: StatusCode, kind: &str, param: Option<&str>, message: String) -> Response<RespBody> {
+    json_resp(status, &json!({"error": {"message": message, "type": kind, "param": param, "code": status.as_u16()}}))
 }
 
 pub(super) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
@@ -108,7 +154,7 @@ fn models_json(shared: &Shared) -> Value {
             "max_model_len": shared.max_model_len,
             // vLLM lists one default permission per model.
             "permission": [{
-                "id": format!("modelperm-{:032x}", shared.created),
+                "id": format!("modelperm-{:016x}", shared.created),
                 "object": "model_permission",
                 "created": shared.created,
                 "allow_create_engine": false,
@@ -133,12 +179,11 @@ async fn generate<R: ApiRequest>(shared: Arc<Shared>, req: Request<Incoming>) ->
         .await
         .map_err(|e| ApiError::bad_request(format!("could not read request body: {e}")))?
         .to_bytes();
-    let raw: Value =
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let raw: Value = serde_json::from_slice(&bytes).map_err(|e| json_error(&bytes, &e))?;
     let body: R = super::request::parse(raw)?;
     if let Some(m) = body.model() {
         if m != shared.model {
-            return Err(ApiError::not_found(format!("The model `{m}` does not exist.")));
+            return Err(ApiError::unknown_model(m, &shared.model));
         }
     }
     let gen = body.generation(Limits { max_model_len: shared.max_model_len, block_size: shared.block_size })?;
@@ -147,7 +192,8 @@ async fn generate<R: ApiRequest>(shared: Arc<Shared>, req: Request<Incoming>) ->
     let (guard, rx) = shared.submit(sim_req).ok_or_else(ApiError::shutting_down)?;
     let ctx = ChunkCtx {
         api: gen.api,
-        id: format!("{}-{}", gen.api.id_prefix(), guard.id),
+        id: format!("{}-{:016x}", gen.api.id_prefix(), guard.id),
+        fingerprint: shared.fingerprint.clone(),
         created: unix_now(),
         model: shared.model.clone(),
         prompt_tokens: gen.prompt_tokens,

@@ -75,6 +75,7 @@ impl SimServer {
         let model = cfg.model_name.clone();
         let max_model_len = cfg.max_model_len;
         let block_size = cfg.block_size;
+        let fingerprint = fingerprint(&cfg);
         let engine = Engine::new(cfg, gpu)?;
         let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
@@ -88,6 +89,7 @@ impl SimServer {
             model,
             max_model_len,
             block_size,
+            fingerprint,
             created: unix_now(),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -149,6 +151,8 @@ struct Shared {
     max_model_len: u32,
     /// The engine's KV block size, which the prefix cache's block hashes follow.
     block_size: u32,
+    /// `system_fingerprint` of the answers.
+    fingerprint: String,
     created: u64,
 }
 
@@ -328,6 +332,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
     }
 }
 
+/// The `system_fingerprint` vLLM 0.32 reports, `vllm-0.32.0-` and 8 hex digits that follow the
+/// configuration: the same flags give the same fingerprint.
+fn fingerprint(cfg: &EngineConfig) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&cfg.model_name, cfg.max_model_len, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens).hash(&mut h);
+    cfg.gpu_memory_utilization.to_bits().hash(&mut h);
+    format!("vllm-0.32.0-{:08x}", h.finish() & 0xffff_ffff)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -434,12 +448,19 @@ mod tests {
             call(&server, Method::POST, "/v1/completions", r#"{"model":"nope","prompt":"hi"}"#).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         let v: Value = serde_json::from_str(&body).expect("error json");
-        assert_eq!(v["message"], "The model `nope` does not exist.");
-        assert_eq!(v["code"], 404);
+        assert_eq!(
+            v["error"],
+            json!({
+                "message": "The model `nope` does not exist. Valid aliases: meta-llama/Llama-3.1-8B-Instruct",
+                "type": "NotFoundError", "param": "model", "code": 404,
+            })
+        );
 
         let (status, _, body) = call(&server, Method::POST, "/v1/completions", "{\"prompt\": ").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(body.contains("invalid JSON body"), "{body}");
+        let v: Value = serde_json::from_str(&body).expect("error json");
+        assert_eq!((v["error"]["type"].as_str(), v["error"]["param"].as_str()), (Some("Bad Request"), Some("body.11")));
+        assert!(body.contains("json_invalid"), "{body}");
 
         for bad in [
             json!({"prompt": []}),
@@ -486,10 +507,14 @@ mod tests {
         assert_eq!(v["choices"][0]["finish_reason"], "length");
         assert_eq!(
             v["usage"],
-            json!({"prompt_tokens": prompt, "completion_tokens": 4, "total_tokens": prompt + 4, "prompt_tokens_details": null})
+            json!({
+                "prompt_tokens": prompt, "completion_tokens": 4, "total_tokens": prompt + 4,
+                "prompt_tokens_details": null, "completion_tokens_details": null,
+            })
         );
 
-        let req = json!({"messages": messages, "max_completion_tokens": 3, "stream": "true", "stream_options": {"include_usage": 1}});
+        let opts = json!({"include_usage": 1});
+        let req = json!({"messages": messages, "max_completion_tokens": 3, "stream": "true", "stream_options": opts});
         let (status, ct, body) = call(&server, Method::POST, "/v1/chat/completions", &req.to_string()).await;
         assert_eq!((status, ct.as_str()), (StatusCode::OK, "text/event-stream; charset=utf-8"), "{body}");
         let events: Vec<Value> =
@@ -516,7 +541,7 @@ mod tests {
             let (got, _, body) = call(&server, Method::POST, "/v1/chat/completions", &bad.to_string()).await;
             assert_eq!(got, status, "{bad} -> {body}");
             let v: Value = serde_json::from_str(&body).expect("error json");
-            assert_eq!(v["code"], status.as_u16(), "{body}");
+            assert_eq!(v["error"]["code"], status.as_u16(), "{body}");
         }
         let (status, _, _) = call(&server, Method::GET, "/v1/chat/completions", "").await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);

@@ -60,9 +60,13 @@ pub(super) trait ApiRequest: DeserializeOwned {
 /// fields (so with Python's truthiness: `"stream": "false"` passes it).
 pub(super) fn parse<R: ApiRequest>(raw: Value) -> Result<R, ApiError> {
     if truthy(raw.get("stream_options")) && !truthy(raw.get("stream")) {
-        return Err(ApiError::bad_request("Stream options can only be defined when `stream=True`."));
+        return Err(ApiError::validation(
+            "body",
+            "value_error",
+            "Value error, Stream options can only be defined when `stream=True`.",
+        ));
     }
-    serde_json::from_value(raw).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+    serde_json::from_value(raw).map_err(|e| ApiError::validation("body", "value_error", e))
 }
 
 /// Python's `bool()` of a JSON value (absent is `None`, false).
@@ -162,7 +166,11 @@ impl ApiRequest for CompletionRequest {
 
     fn generation(&self, limits: Limits) -> Result<Generation, ApiError> {
         let Some(prompt) = &self.prompt else {
-            return Err(ApiError::bad_request("At least one of `prompt` or `prompt_embeds` must be set."));
+            return Err(ApiError::validation(
+                "body",
+                "value_error",
+                "Value error, At least one of `prompt` or `prompt_embeds` must be set.",
+            ));
         };
         let prompt = single_prompt(prompt)?;
         let toks = prompt_toks(prompt);
@@ -179,8 +187,12 @@ impl ApiRequest for ChatRequest {
 
     fn generation(&self, limits: Limits) -> Result<Generation, ApiError> {
         let messages = match &self.messages {
-            None => return Err(ApiError::bad_request("Field required: `messages`")),
-            Some(m) if m.is_empty() => return Err(ApiError::bad_request("`messages` must not be empty")),
+            None => return Err(ApiError::validation("body.messages", "missing", "Field required")),
+            Some(m) if m.is_empty() => {
+                return Err(ApiError::bad_request(
+                    "Cannot apply chat template to an empty conversation. Provide at least one message.",
+                ))
+            }
             Some(m) => m.iter().enumerate().map(|(i, m)| message(i, m)).collect::<Result<Vec<_>, _>>()?,
         };
         let len = messages.iter().fold(0u32, |n, (_, content)| {
@@ -204,7 +216,7 @@ impl Common {
         limits: Limits,
     ) -> Result<Generation, ApiError> {
         let prompt_tokens = match self.ext.prompt_tokens {
-            Some(0) => return Err(ApiError::bad_request("prompt_tokens must be at least 1")),
+            Some(0) => return Err(ApiError::bad_param("prompt_tokens", 0, "prompt_tokens must be at least 1")),
             Some(n) => n,
             None => len,
         };
@@ -237,29 +249,39 @@ impl Common {
     }
 }
 
-/// Output length: as asked, or what is left of the context when not asked; errors worded as
-/// vLLM's.
+/// Output length: as asked, or what is left of the context when not asked; checked in vLLM's
+/// order (the prompt alone, prompt and output, then `max_tokens`) and errors worded as its.
 fn output_len(prompt_tokens: u32, asked: Option<i64>, max_model_len: u32) -> Result<u32, ApiError> {
-    let Some(n) = asked else {
-        if prompt_tokens >= max_model_len {
-            return Err(ApiError::bad_request(format!(
-                "This model's maximum context length is {max_model_len} tokens. However, your request has \
-                 {prompt_tokens} input tokens. Please reduce the length of the input messages."
-            )));
-        }
-        return Ok(max_model_len - prompt_tokens);
-    };
+    if prompt_tokens > max_model_len {
+        // vLLM tokenizes at most one token past the limit, hence "at least".
+        let seen = prompt_tokens.min(max_model_len.saturating_add(1));
+        return Err(ApiError::bad_param(
+            "input_tokens",
+            seen,
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, your prompt contains at \
+                 least {seen} input tokens, which exceeds this limit even without any output tokens. Please reduce \
+                 the length of the input prompt."
+            ),
+        ));
+    }
+    let n = asked.unwrap_or(i64::from(max_model_len - prompt_tokens));
     let total = i64::from(prompt_tokens).saturating_add(n);
     if total > i64::from(max_model_len) {
-        return Err(ApiError::bad_request(format!(
-            "This model's maximum context length is {max_model_len} tokens. However, you requested {total} tokens \
-             ({prompt_tokens} in the messages, {n} in the completion). Please reduce the length of the messages or \
-             completion."
-        )));
+        return Err(ApiError::bad_param(
+            "input_tokens",
+            prompt_tokens,
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, you requested {n} output \
+                 tokens and your prompt contains at least {prompt_tokens} input tokens, for a total of at least \
+                 {total} tokens. Please reduce the length of the input prompt or the number of requested output \
+                 tokens."
+            ),
+        ));
     }
     match u32::try_from(n) {
         Ok(n) if n >= 1 => Ok(n),
-        _ => Err(ApiError::bad_request(format!("max_tokens must be at least 1, got {n}."))),
+        _ => Err(ApiError::bad_param("max_tokens", n, format!("max_tokens must be at least 1, got {n}."))),
     }
 }
 
@@ -309,10 +331,8 @@ fn message(i: usize, m: &Value) -> Result<(&str, Cow<'_, str>), ApiError> {
     };
     match (role, content) {
         (Some(role), Some(content)) => Ok((role, content)),
-        (None, _) => Err(ApiError::bad_request(format!("messages[{i}]: Field required: `role` (a string)"))),
-        (_, None) => Err(ApiError::bad_request(format!(
-            "messages[{i}]: Field required: `content` (a string or a list of text parts)"
-        ))),
+        (None, _) => Err(ApiError::validation(format!("body.messages.{i}.role"), "missing", "Field required")),
+        (_, None) => Err(ApiError::validation(format!("body.messages.{i}.content"), "missing", "Field required")),
     }
 }
 
@@ -353,7 +373,8 @@ mod tests {
         let g =
             chat(json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 3})).expect("valid");
         assert_eq!((g.prompt_tokens, g.max_tokens), (2 + CHAT_TOKENS_PER_MESSAGE, 3));
-        let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]}]});
+        let content = json!([{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]);
+        let parts = json!({"messages": [{"role": "user", "content": content}]});
         assert_eq!(chat(parts).expect("parts").prompt_tokens, 3 + CHAT_TOKENS_PER_MESSAGE);
     }
 
@@ -364,7 +385,7 @@ mod tests {
         assert_eq!(g(json!({"prompt": "hi", "max_tokens": null})), Ok(8191));
         assert!(g(json!({"prompt": "hi", "max_tokens": 0})).is_err_and(|e| e.contains("at least 1, got 0")));
         assert!(g(json!({"prompt": "hi", "max_tokens": -3})).is_err_and(|e| e.contains("got -3")));
-        assert!(g(json!({"prompt": "hi", "max_tokens": 8192})).is_err_and(|e| e.contains("maximum context length")));
+        assert!(g(json!({"prompt": "hi", "max_tokens": 8192})).is_err_and(|e| e.contains("a total of at least 8193")));
         let c = |v| chat(v).map(|g| g.max_tokens).map_err(|e| e.to_string());
         let m = json!([{"role": "user", "content": "hi"}]);
         assert_eq!(c(json!({"messages": m})), Ok(8192 - 6));
@@ -374,7 +395,9 @@ mod tests {
         assert!(c(json!({"messages": m, "max_tokens": 0})).is_err());
         let long = words(9000, 0);
         assert!(c(json!({"messages": [{"role": "user", "content": long}]}))
-            .is_err_and(|e| e.contains("your request has 9005 input tokens")));
+            .is_err_and(|e| e.contains("at least 8193 input tokens, which exceeds this limit")));
+        let fits = words(8192 - 5, 0);
+        assert!(c(json!({"messages": [{"role": "user", "content": fits}]})).is_err_and(|e| e.contains("got 0")));
     }
 
     #[test]

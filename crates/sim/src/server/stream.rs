@@ -44,21 +44,25 @@ pub(super) struct ChunkCtx {
     pub(super) id: String,
     pub(super) created: u64,
     pub(super) model: String,
+    /// `system_fingerprint`: on whole answers and on a stream's last event.
+    pub(super) fingerprint: String,
     pub(super) prompt_tokens: u32,
     pub(super) max_tokens: u32,
 }
 
+type Obj = serde_json::Map<String, Value>;
+
 impl ChunkCtx {
-    fn usage(&self, completion: u32) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "total_tokens": self.prompt_tokens + completion,
-            "completion_tokens": completion,
-        })
+    fn usage(&self, completion: u32) -> Obj {
+        let mut m = Obj::new();
+        m.insert("prompt_tokens".into(), self.prompt_tokens.into());
+        m.insert("total_tokens".into(), (self.prompt_tokens + completion).into());
+        m.insert("completion_tokens".into(), completion.into());
+        m
     }
 
-    fn envelope(&self, chunk: bool, choices: Value) -> serde_json::Map<String, Value> {
-        let mut m = serde_json::Map::new();
+    fn envelope(&self, chunk: bool, choices: Value) -> Obj {
+        let mut m = Obj::new();
         m.insert("id".into(), self.id.clone().into());
         m.insert("object".into(), self.api.object(chunk).into());
         m.insert("created".into(), self.created.into());
@@ -67,74 +71,86 @@ impl ChunkCtx {
         m
     }
 
-    fn event(v: &serde_json::Map<String, Value>) -> Bytes {
-        Bytes::from(format!("data: {}\n\n", Value::Object(v.clone())))
+    /// One SSE event; the last of the stream carries the fingerprint.
+    fn event(&self, mut m: Obj, last: bool) -> Bytes {
+        if last {
+            m.insert("system_fingerprint".into(), self.fingerprint.clone().into());
+        }
+        Bytes::from(format!("data: {}\n\n", Value::Object(m)))
     }
 
-    /// The events for one generated `text` (`finish` on the last): a chat's first token comes
-    /// after a chunk that opens the assistant's message, as vLLM sends it.
-    fn token_events(&self, text: &str, first: bool, finish: Option<&str>) -> Vec<Bytes> {
-        match self.api {
-            Api::Completion => {
-                // vLLM writes completion chunks with every field, `usage` null included.
-                let choice =
-                    json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null});
-                let mut m = self.envelope(true, json!([choice]));
-                m.insert("usage".into(), Value::Null);
-                vec![Self::event(&m)]
-            }
+    /// The events for one generated `text` (`finish` on the last; `last` when no usage event
+    /// follows): a chat's first token comes after an event that opens the assistant's message.
+    /// Fields as vLLM 0.32 writes them (`fixtures/vllm-0.32.0/*.sse`).
+    fn token_events(&self, text: &str, first: bool, finish: Option<&str>, last: bool) -> Vec<Bytes> {
+        let mut out = Vec::with_capacity(2);
+        let choice = match self.api {
+            Api::Completion => json!({
+                "index": 0, "text": text, "logprobs": null, "finish_reason": finish, "stop_reason": null,
+                "prompt_token_ids": null, "token_ids": null,
+            }),
             Api::Chat => {
-                // vLLM writes chat chunks with only the fields it set.
-                let mut out = Vec::with_capacity(2);
                 if first {
                     let delta = json!({"role": "assistant", "content": ""});
                     let choice = json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null});
-                    out.push(Self::event(&self.envelope(true, json!([choice]))));
+                    let mut m = self.envelope(true, json!([choice]));
+                    m.insert("prompt_token_ids".into(), Value::Null);
+                    m.insert("prompt_text".into(), Value::Null);
+                    out.push(self.event(m, false));
                 }
                 let mut choice =
                     json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": finish});
                 if finish.is_some() {
                     choice["stop_reason"] = Value::Null;
                 }
-                out.push(Self::event(&self.envelope(true, json!([choice]))));
-                out
+                choice["token_ids"] = Value::Null;
+                choice
             }
-        }
+        };
+        out.push(self.event(self.envelope(true, json!([choice])), last));
+        out
     }
 
     /// The last event before `[DONE]` when usage was asked for.
     fn usage_event(&self, completion: u32) -> Bytes {
         let mut m = self.envelope(true, json!([]));
-        m.insert("usage".into(), self.usage(completion));
-        Self::event(&m)
+        m.insert("usage".into(), Value::Object(self.usage(completion)));
+        self.event(m, true)
     }
 
-    /// The whole answer of a non-streaming request.
+    /// The whole answer of a non-streaming request, as vLLM 0.32 writes it
+    /// (`fixtures/vllm-0.32.0/*.json`).
     fn whole(&self, text: &str, reason: &str, completion: u32) -> Value {
         let choice = match self.api {
             Api::Completion => json!({
                 "index": 0, "text": text, "logprobs": null, "finish_reason": reason, "stop_reason": null,
-                "prompt_logprobs": null,
+                "token_ids": null, "prompt_logprobs": null, "prompt_token_ids": null, "routed_experts": null,
             }),
             Api::Chat => json!({
                 "index": 0,
                 "message": {
                     "role": "assistant", "content": text, "refusal": null, "annotations": null, "audio": null,
-                    "function_call": null, "tool_calls": [], "reasoning_content": null,
+                    "function_call": null, "reasoning": null,
                 },
-                "logprobs": null, "finish_reason": reason, "stop_reason": null,
+                "logprobs": null, "finish_reason": reason, "stop_reason": null, "token_ids": null,
+                "routed_experts": null,
             }),
         };
         let mut m = self.envelope(false, json!([choice]));
         m.insert("service_tier".into(), Value::Null);
-        m.insert("system_fingerprint".into(), Value::Null);
+        m.insert("system_fingerprint".into(), self.fingerprint.clone().into());
         let mut usage = self.usage(completion);
-        usage["prompt_tokens_details"] = Value::Null;
-        m.insert("usage".into(), usage);
+        usage.insert("prompt_tokens_details".into(), Value::Null);
+        usage.insert("completion_tokens_details".into(), Value::Null);
+        m.insert("usage".into(), Value::Object(usage));
         if self.api == Api::Chat {
-            m.insert("prompt_logprobs".into(), Value::Null);
+            for k in ["prompt_logprobs", "prompt_token_ids", "prompt_text"] {
+                m.insert(k.into(), Value::Null);
+            }
         }
-        m.insert("kv_transfer_params".into(), Value::Null);
+        for k in ["kv_transfer_params", "ec_transfer_params", "metrics"] {
+            m.insert(k.into(), Value::Null);
+        }
         Value::Object(m)
     }
 }
@@ -199,12 +215,13 @@ impl SseBody {
                 self.tokens += 1;
                 let last = self.tokens >= self.ctx.max_tokens;
                 self.reason_sent |= last;
-                out.extend(self.ctx.token_events(word, first, last.then_some("length")));
+                out.extend(self.ctx.token_events(word, first, last.then_some("length"), last && !self.include_usage));
             }
             TokenEvent::Finished { reason, .. } => {
                 self.guard.finished = true;
                 if !self.reason_sent {
-                    out.extend(self.ctx.token_events("", self.tokens == 0, Some(reason_str(reason))));
+                    let (first, last) = (self.tokens == 0, !self.include_usage);
+                    out.extend(self.ctx.token_events("", first, Some(reason_str(reason)), last));
                 }
                 if self.include_usage {
                     out.push(self.ctx.usage_event(self.tokens));
