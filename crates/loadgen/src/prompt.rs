@@ -37,31 +37,53 @@ pub fn synthetic_text<R: Rng + ?Sized>(tokens: u32, rng: &mut R) -> String {
 /// Letters per token in a long word.
 const LETTERS_PER_TOKEN: usize = 8;
 
-/// Tokens `text` stands for under the rule in the module docs (at least 0).
+/// Tokens `text` stands for under the rule in the module docs (at least 0): the number of
+/// [`tokens`].
 pub fn count_tokens(text: &str) -> u32 {
-    let mut n: usize = 0;
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ' ' && chars.peek().is_some_and(char::is_ascii_alphabetic) {
-            continue; // the space belongs to the word that follows
-        }
-        if c.is_ascii_alphabetic() {
-            let mut letters: usize = 1;
-            while chars.peek().is_some_and(char::is_ascii_alphabetic) {
-                chars.next();
-                letters += 1;
-            }
-            n += letters.div_ceil(LETTERS_PER_TOKEN);
+    u32::try_from(tokens(text).count()).unwrap_or(u32::MAX)
+}
+
+/// The tokens of `text` under the rule in the module docs, as slices of it, in order: they
+/// join back to `text`. The simulator's prefix cache hashes them, so prompts that share
+/// leading text share leading tokens.
+pub fn tokens(text: &str) -> Tokens<'_> {
+    Tokens { rest: text }
+}
+
+/// Iterator of [`tokens`].
+#[derive(Debug, Clone)]
+pub struct Tokens<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let s = self.rest;
+        let mut chars = s.char_indices();
+        let (_, c) = chars.next()?;
+        let second = chars.next().map(|(_, c)| c);
+        let len = if c == ' ' && second.is_some_and(|c| c.is_ascii_alphabetic()) {
+            // The space belongs to the word that follows.
+            1 + letters_len(&s[1..])
+        } else if c.is_ascii_alphabetic() {
+            letters_len(s)
         } else if c.is_whitespace() {
-            while chars.peek().is_some_and(|c| c.is_whitespace()) {
-                chars.next();
-            }
-            n += 1;
+            s.find(|c: char| !c.is_whitespace()).unwrap_or(s.len())
         } else {
-            n += 1;
-        }
+            c.len_utf8()
+        };
+        let (token, rest) = s.split_at(len);
+        self.rest = rest;
+        Some(token)
     }
-    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Bytes of the first token of a run of ASCII letters at the start of `s`: up to
+/// [`LETTERS_PER_TOKEN`] of them.
+fn letters_len(s: &str) -> usize {
+    s.bytes().take(LETTERS_PER_TOKEN).take_while(u8::is_ascii_alphabetic).count()
 }
 
 #[cfg(test)]
@@ -89,6 +111,60 @@ mod tests {
         assert_eq!(count_tokens("a, b!"), 4);
         assert_eq!(count_tokens("line\n\nnext"), 3);
         assert_eq!(count_tokens("héllo"), 3); // h, é, llo
+    }
+
+    #[test]
+    fn tokens_join_back_to_the_text_and_split_as_counted() {
+        fn split(t: &str) -> Vec<&str> {
+            tokens(t).collect()
+        }
+        assert_eq!(split("hello world"), ["hello", " world"]);
+        assert_eq!(split("internationalization"), ["internat", "ionaliza", "tion"]);
+        assert_eq!(split(" hi, 42\n\n  there"), [" hi", ",", " ", "4", "2", "\n\n  ", "there"]);
+        assert_eq!(split("héllo"), ["h", "é", "llo"]);
+        for t in ["", "a", "  two  spaces ", "tabs\tand\r\nbreaks", "ünï cödé!", "x".repeat(33).as_str()] {
+            assert_eq!(tokens(t).collect::<String>(), t);
+            assert_eq!(count_tokens(t) as usize, tokens(t).count());
+        }
+    }
+
+    /// The rule as a counting loop, the way it was first written: the splitter must agree.
+    fn reference_count(text: &str) -> usize {
+        let mut n = 0;
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ' ' && chars.peek().is_some_and(char::is_ascii_alphabetic) {
+                continue;
+            }
+            if c.is_ascii_alphabetic() {
+                let mut letters: usize = 1;
+                while chars.peek().is_some_and(char::is_ascii_alphabetic) {
+                    chars.next();
+                    letters += 1;
+                }
+                n += letters.div_ceil(LETTERS_PER_TOKEN);
+            } else if c.is_whitespace() {
+                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    chars.next();
+                }
+                n += 1;
+            } else {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn splitter_agrees_with_the_counting_rule_on_random_text() {
+        let alphabet: Vec<char> = "abcXYZ  \n\t7,é".chars().collect();
+        let mut rng = StdRng::seed_from_u64(9);
+        for _ in 0..2000 {
+            let len = rng.random_range(0..40);
+            let t: String = (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect();
+            assert_eq!(tokens(&t).count(), reference_count(&t), "{t:?}");
+            assert_eq!(tokens(&t).collect::<String>(), t);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 
 use loadgen::{Arrival, RequestOutcome};
 
-use crate::engine::{Engine, FinishReason, RequestId, SimRequest, TokenEvent};
+use crate::engine::{BlockHasher, Engine, FinishReason, RequestId, SimRequest, TokenEvent};
 
 /// Prefix-cache group of the shared prompt prefix (as the HTTP load driver sends it).
 pub const SHARED_PREFIX_ID: u64 = 1;
@@ -160,11 +160,12 @@ impl Driver {
             }
             self.queue.pop_front();
             let shared = self.shared_prefix_tokens.min(a.prompt_tokens.saturating_sub(1));
+            let block_size = self.engine.config().block_size;
+            let block_hashes = BlockHasher::with_prefix_group(block_size, SHARED_PREFIX_ID, shared).finish();
             let id = self.engine.submit(SimRequest {
                 prompt_tokens: a.prompt_tokens,
                 max_tokens: a.max_tokens,
-                prefix_id: (shared > 0).then_some(SHARED_PREFIX_ID),
-                prefix_tokens: shared,
+                block_hashes,
             });
             if let Some(t) = self.outcomes.as_mut() {
                 let outcome = RequestOutcome { prompt_tokens: a.prompt_tokens, ..Default::default() };

@@ -6,7 +6,7 @@
 //! Split by concern: the flags ([`EngineConfig`]), the startup memory plan and the KV blocks
 //! (`memory`), the scheduler's step (`scheduler`) and the `/metrics` text (`metrics`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -16,11 +16,14 @@ use crate::gpu::SimGpu;
 mod config;
 mod memory;
 mod metrics;
+mod prefix;
 mod scheduler;
 
 pub use config::EngineConfig;
 pub use memory::{MemoryPlan, SimError};
 use metrics::Metrics;
+pub use prefix::BlockHasher;
+use prefix::PrefixCache;
 
 /// Llama-3.1-8B: parameters, bf16 bytes, KV bytes per token (2 x 32 layers x 8 heads x 128 x 2 B).
 const PARAMS: f64 = 8.03e9;
@@ -45,9 +48,16 @@ pub type RequestId = u64;
 pub struct SimRequest {
     pub prompt_tokens: u32,
     pub max_tokens: u32,
-    /// Requests with the same prefix id share their first `prefix_tokens` tokens.
-    pub prefix_id: Option<u64>,
-    pub prefix_tokens: u32,
+    /// Chained hashes of the prompt's full KV blocks ([`BlockHasher`]), what the prefix cache
+    /// keys on; empty when the content is unknown (nothing hits).
+    pub block_hashes: Vec<u64>,
+}
+
+impl SimRequest {
+    /// A request whose prompt content is unknown: it neither hits nor fills the prefix cache.
+    pub fn new(prompt_tokens: u32, max_tokens: u32) -> SimRequest {
+        SimRequest { prompt_tokens, max_tokens, block_hashes: Vec::new() }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -87,8 +97,7 @@ struct Req {
     orig_prompt: u32,
     prompt: u32,
     max_tokens: u32,
-    prefix_id: Option<u64>,
-    prefix_tokens: u32,
+    block_hashes: Vec<u64>,
     arrival: f64,
     /// Prompt tokens already in the KV cache (computed or cached).
     computed: u32,
@@ -119,7 +128,7 @@ pub struct Engine {
     waiting: VecDeque<RequestId>,
     running: Vec<RequestId>,
     free_blocks: u32,
-    cached_prefixes: HashSet<u64>,
+    prefix_cache: PrefixCache,
     m: Metrics,
     /// Finished-at-submit events (e.g. too long) delivered with the next step.
     pending_events: Vec<TokenEvent>,
@@ -145,7 +154,7 @@ impl Engine {
             reqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
-            cached_prefixes: HashSet::new(),
+            prefix_cache: PrefixCache::new(plan.num_gpu_blocks),
             m,
             pending_events: Vec::new(),
         })
@@ -179,8 +188,7 @@ impl Engine {
                 orig_prompt: prompt,
                 prompt,
                 max_tokens: req.max_tokens.max(1),
-                prefix_id: req.prefix_id,
-                prefix_tokens: req.prefix_tokens.min(prompt),
+                block_hashes: req.block_hashes,
                 arrival: self.now,
                 computed: 0,
                 generated: 0,
@@ -238,7 +246,13 @@ mod tests {
     }
 
     fn req(prompt: u32, out: u32) -> SimRequest {
-        SimRequest { prompt_tokens: prompt, max_tokens: out, prefix_id: None, prefix_tokens: 0 }
+        SimRequest::new(prompt, out)
+    }
+
+    /// A request whose first `shared` tokens are prefix group `group`'s.
+    fn grouped(prompt: u32, out: u32, group: u64, shared: u32) -> SimRequest {
+        let block_hashes = BlockHasher::with_prefix_group(EngineConfig::default().block_size, group, shared).finish();
+        SimRequest { prompt_tokens: prompt, max_tokens: out, block_hashes }
     }
 
     /// Runs until idle, returning finished ids.
@@ -327,12 +341,57 @@ mod tests {
     fn shared_prefixes_hit_the_cache() {
         let (mut e, _) = engine(EngineConfig::default());
         for _ in 0..10 {
-            e.submit(SimRequest { prompt_tokens: 1000, max_tokens: 4, prefix_id: Some(7), prefix_tokens: 800 });
+            e.submit(grouped(1000, 4, 7, 800));
             drain(&mut e);
         }
         assert_eq!(e.m.prefix_queries, 10_000);
         assert_eq!(e.m.prefix_hits, 9 * 800);
         assert!(e.m.prompt_tokens < 10_000);
+    }
+
+    #[test]
+    fn cached_blocks_are_the_leading_ones_and_never_the_whole_prompt() {
+        let (mut e, _) = engine(EngineConfig::default());
+        let prompt = |ids: std::ops::Range<u64>| {
+            let mut h = BlockHasher::new(16);
+            ids.clone().for_each(|i| h.push_id(i));
+            SimRequest {
+                prompt_tokens: u32::try_from(ids.end - ids.start).unwrap_or(0),
+                max_tokens: 2,
+                block_hashes: h.finish(),
+            }
+        };
+        e.submit(prompt(0..64));
+        drain(&mut e);
+        assert_eq!(e.m.prefix_hits, 0);
+        // The same 64 tokens: 4 full blocks cached, but the last token is computed, so 3 hit.
+        e.submit(prompt(0..64));
+        drain(&mut e);
+        assert_eq!(e.m.prefix_hits, 48);
+        // 40 shared tokens, then different ones: the 2 full shared blocks hit.
+        let mut h = BlockHasher::new(16);
+        (0..40).chain(900..940).for_each(|i| h.push_id(i));
+        e.submit(SimRequest { prompt_tokens: 80, max_tokens: 2, block_hashes: h.finish() });
+        drain(&mut e);
+        assert_eq!(e.m.prefix_hits, 48 + 32);
+        assert_eq!(e.m.prefix_queries, 64 + 64 + 80);
+        // Unknown content neither hits nor is cached.
+        let before = e.prefix_cache.len();
+        e.submit(req(64, 2));
+        drain(&mut e);
+        assert_eq!((e.m.prefix_hits, e.prefix_cache.len()), (80, before));
+    }
+
+    #[test]
+    fn the_prefix_cache_holds_at_most_the_kv_block_count() {
+        let cfg = EngineConfig { gpu_memory_utilization: 0.245, max_model_len: 4096, ..Default::default() };
+        let (mut e, _) = engine(cfg);
+        let blocks = e.plan.num_gpu_blocks as usize;
+        for g in 0..(blocks / 200 + 5) as u64 {
+            e.submit(grouped(4096 - 8, 1, g, 4096 - 8));
+            drain(&mut e);
+        }
+        assert_eq!(e.prefix_cache.len(), blocks);
     }
 
     #[test]
@@ -397,12 +456,7 @@ mod tests {
         let (mut e, _) = engine(EngineConfig::default());
         check_prometheus_text(&e.metrics_text());
         for i in 0..30 {
-            e.submit(SimRequest {
-                prompt_tokens: 200 + i * 37,
-                max_tokens: 10 + i,
-                prefix_id: Some(1),
-                prefix_tokens: 64,
-            });
+            e.submit(grouped(200 + i * 37, 10 + i, 1, 64));
         }
         for _ in 0..20 {
             e.step();

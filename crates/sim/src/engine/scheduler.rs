@@ -75,12 +75,11 @@ impl Engine {
             };
             let mut cached = 0;
             if r.computed == 0 && self.cfg.enable_prefix_caching {
-                if let Some(p) = r.prefix_id {
-                    if self.cached_prefixes.contains(&p) {
-                        // Only whole blocks hit, and the last prompt token is always computed.
-                        cached = (r.prefix_tokens / self.cfg.block_size * self.cfg.block_size).min(r.prompt - 1);
-                    }
-                }
+                // Only whole blocks hit, and the last prompt token is always computed (for its
+                // logits), as vLLM caps a hit at the prompt less one token.
+                let max = usize::try_from((r.prompt - 1) / self.cfg.block_size).unwrap_or(usize::MAX);
+                let hit = self.prefix_cache.lookup(&r.block_hashes, max);
+                cached = u32::try_from(hit).unwrap_or(u32::MAX).saturating_mul(self.cfg.block_size);
             }
             let start = r.computed.max(cached);
             let chunk = (r.prompt - start).min(budget);
@@ -149,8 +148,8 @@ impl Engine {
                 r.computed += n;
                 self.m.prompt_tokens += u64::from(n);
                 if r.computed >= r.prompt {
-                    if let Some(p) = r.prefix_id {
-                        self.cached_prefixes.insert(p);
+                    if self.cfg.enable_prefix_caching {
+                        self.prefix_cache.insert(&r.block_hashes);
                     }
                     true
                 } else {

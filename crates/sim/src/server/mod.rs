@@ -27,12 +27,15 @@ use crate::gpu::SimGpu;
 use http::handle;
 
 mod http;
+mod lax;
+mod request;
 mod stream;
 
 /// Prometheus' text exposition content type, as vLLM serves it.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Default `max_tokens` of `/v1/completions` (OpenAI's and vLLM's).
+/// Default `max_tokens` of `/v1/completions` (OpenAI's and vLLM's; chat's default is the rest
+/// of the context).
 pub const DEFAULT_MAX_TOKENS: u32 = 16;
 
 /// How often an idle engine's clock is brought level with the wall clock.
@@ -71,6 +74,8 @@ impl SimServer {
     pub async fn start(cfg: EngineConfig, gpu: Arc<SimGpu>, addr: SocketAddr) -> Result<SimServer, ServerError> {
         let model = cfg.model_name.clone();
         let max_model_len = cfg.max_model_len;
+        let block_size = cfg.block_size;
+        let fingerprint = fingerprint(&cfg);
         let engine = Engine::new(cfg, gpu)?;
         let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
         let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
@@ -83,6 +88,8 @@ impl SimServer {
             epoch,
             model,
             max_model_len,
+            block_size,
+            fingerprint,
             created: unix_now(),
         });
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -142,6 +149,10 @@ struct Shared {
     epoch: Instant,
     model: String,
     max_model_len: u32,
+    /// The engine's KV block size, which the prefix cache's block hashes follow.
+    block_size: u32,
+    /// `system_fingerprint` of the answers.
+    fingerprint: String,
     created: u64,
 }
 
@@ -321,6 +332,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: w
     }
 }
 
+/// The `system_fingerprint` vLLM 0.32 reports, `vllm-0.32.0-` and 8 hex digits that follow the
+/// configuration: the same flags give the same fingerprint.
+fn fingerprint(cfg: &EngineConfig) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&cfg.model_name, cfg.max_model_len, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens).hash(&mut h);
+    cfg.gpu_memory_utilization.to_bits().hash(&mut h);
+    format!("vllm-0.32.0-{:08x}", h.finish() & 0xffff_ffff)
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -412,8 +433,9 @@ mod tests {
         assert_eq!(status, StatusCode::OK, "{body}");
         let v: Value = serde_json::from_str(&body).expect("completion json");
         assert_eq!(v["usage"]["completion_tokens"], 5);
-        assert_eq!(v["usage"]["prompt_tokens"], 7);
-        assert_eq!(v["usage"]["total_tokens"], 12);
+        // hello, " there", ",", " simulate" + "d", " model": loadgen's count_tokens.
+        assert_eq!(v["usage"]["prompt_tokens"], 6);
+        assert_eq!(v["usage"]["total_tokens"], 11);
         assert_eq!(v["choices"][0]["finish_reason"], "length");
         assert!(!v["choices"][0]["text"].as_str().unwrap_or_default().is_empty());
         server.shutdown().await;
@@ -426,12 +448,19 @@ mod tests {
             call(&server, Method::POST, "/v1/completions", r#"{"model":"nope","prompt":"hi"}"#).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         let v: Value = serde_json::from_str(&body).expect("error json");
-        assert_eq!(v["message"], "The model `nope` does not exist.");
-        assert_eq!(v["code"], 404);
+        assert_eq!(
+            v["error"],
+            json!({
+                "message": "The model `nope` does not exist. Valid aliases: meta-llama/Llama-3.1-8B-Instruct",
+                "type": "NotFoundError", "param": "model", "code": 404,
+            })
+        );
 
         let (status, _, body) = call(&server, Method::POST, "/v1/completions", "{\"prompt\": ").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(body.contains("invalid JSON body"), "{body}");
+        let v: Value = serde_json::from_str(&body).expect("error json");
+        assert_eq!((v["error"]["type"].as_str(), v["error"]["param"].as_str()), (Some("Bad Request"), Some("body.11")));
+        assert!(body.contains("json_invalid"), "{body}");
 
         for bad in [
             json!({"prompt": []}),
@@ -450,6 +479,114 @@ mod tests {
         server.shutdown().await;
     }
 
+    /// The `data:` payloads of an SSE body, checking the framing on the way.
+    fn sse_events(body: &str) -> Vec<String> {
+        assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+        let events: Vec<String> = body
+            .split_terminator("\n\n")
+            .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data event: {e:?}")).to_string())
+            .collect();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        events[..events.len() - 1].to_vec()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn serves_chat_completions_whole_and_streamed() {
+        let server = start().await;
+        let messages = json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]);
+        // 2 + 2 content tokens, 5 template tokens per message.
+        let prompt = 4 + 2 * request::CHAT_TOKENS_PER_MESSAGE;
+        let req = json!({"model": server.model(), "messages": messages, "max_tokens": 4});
+        let (status, ct, body) = call(&server, Method::POST, "/v1/chat/completions", &req.to_string()).await;
+        assert_eq!((status, ct.as_str()), (StatusCode::OK, "application/json"), "{body}");
+        let v: Value = serde_json::from_str(&body).expect("chat json");
+        assert_eq!(v["object"], "chat.completion");
+        assert!(v["id"].as_str().is_some_and(|id| id.starts_with("chatcmpl-")), "{v}");
+        assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(v["choices"][0]["message"]["content"], " the quick brown fox");
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+        assert_eq!(
+            v["usage"],
+            json!({
+                "prompt_tokens": prompt, "completion_tokens": 4, "total_tokens": prompt + 4,
+                "prompt_tokens_details": null, "completion_tokens_details": null,
+            })
+        );
+
+        let opts = json!({"include_usage": 1});
+        let req = json!({"messages": messages, "max_completion_tokens": 3, "stream": "true", "stream_options": opts});
+        let (status, ct, body) = call(&server, Method::POST, "/v1/chat/completions", &req.to_string()).await;
+        assert_eq!((status, ct.as_str()), (StatusCode::OK, "text/event-stream; charset=utf-8"), "{body}");
+        let events: Vec<Value> =
+            sse_events(&body).iter().map(|e| serde_json::from_str(e).expect("chunk json")).collect();
+        assert_eq!(events.len(), 1 + 3 + 1, "role, 3 tokens, usage: {body}");
+        assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk" && e["id"] == events[0]["id"]));
+        assert_eq!(events[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
+        let text: String = events[1..4].iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(text, " the quick brown");
+        assert_eq!(events[2]["choices"][0]["finish_reason"], Value::Null);
+        assert_eq!(events[3]["choices"][0]["finish_reason"], "length");
+        assert_eq!(events[4]["choices"], json!([]));
+        assert_eq!(events[4]["usage"]["completion_tokens"], 3);
+        assert_eq!(events[4]["usage"]["prompt_tokens"], prompt);
+
+        for (bad, status) in [
+            (json!({"model": "nope", "messages": messages}), StatusCode::NOT_FOUND),
+            (json!({"messages": []}), StatusCode::BAD_REQUEST),
+            (json!({"messages": [{"role": "user"}]}), StatusCode::BAD_REQUEST),
+            (json!({"messages": messages, "max_tokens": 0}), StatusCode::BAD_REQUEST),
+            (json!({"messages": messages, "max_tokens": 9000}), StatusCode::BAD_REQUEST),
+            (json!({"messages": messages, "stream_options": {"include_usage": true}}), StatusCode::BAD_REQUEST),
+        ] {
+            let (got, _, body) = call(&server, Method::POST, "/v1/chat/completions", &bad.to_string()).await;
+            assert_eq!(got, status, "{bad} -> {body}");
+            let v: Value = serde_json::from_str(&body).expect("error json");
+            assert_eq!(v["error"]["code"], status.as_u16(), "{body}");
+        }
+        let (status, _, _) = call(&server, Method::GET, "/v1/chat/completions", "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        server.shutdown().await;
+    }
+
+    fn counter(metrics: &str, name: &str) -> f64 {
+        metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    }
+
+    /// Sends a short text completion; returns its prompt tokens.
+    async fn send_text(server: &SimServer, prompt: String) -> f64 {
+        let body = json!({"prompt": prompt, "max_tokens": 2}).to_string();
+        let (status, _, body) = call(server, Method::POST, "/v1/completions", &body).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        v["usage"]["prompt_tokens"].as_f64().unwrap_or_default()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_prompt_text_hits_the_prefix_cache() {
+        let server = start().await;
+        let words = |n: usize, from: usize| -> String {
+            (0..n).map(|i| loadgen::prompt::WORDS[(i * 7 + from) % 48]).collect::<Vec<_>>().join(" ")
+        };
+        let cache = |server: &SimServer| {
+            let m = server.metrics_text();
+            (counter(&m, "vllm:prefix_cache_queries_total"), counter(&m, "vllm:prefix_cache_hits_total"))
+        };
+        let shared = words(64, 0);
+        let first = send_text(&server, format!("{shared} {}", words(30, 1))).await;
+        assert_eq!(first, 94.0);
+        let (queries, hits) = cache(&server);
+        assert_eq!((queries, hits), (94.0, 0.0), "a cold cache");
+        // The same first 64 words (one token each): 4 full blocks of 16 hit.
+        let second = send_text(&server, format!("{shared} {}", words(30, 5))).await;
+        let (q2, h2) = cache(&server);
+        assert_eq!((q2 - queries, h2 - hits), (second, 64.0));
+        // Unrelated text hits nothing.
+        let third = send_text(&server, words(94, 3)).await;
+        let (q3, h3) = cache(&server);
+        assert_eq!((q3 - q2, h3 - h2), (third, 0.0));
+        server.shutdown().await;
+    }
+
     async fn in_engine(server: &SimServer) -> u32 {
         let s = server.stats();
         s.running + s.waiting
@@ -457,11 +594,17 @@ mod tests {
 
     /// Sends a long request over a raw socket, waits until the engine has it, hangs up, and
     /// expects the engine to drop it long before it could have finished.
-    async fn hang_up_mid_request(server: &SimServer, stream: bool) {
-        let body = json!({"prompt": [1, 2, 3, 4], "max_tokens": 5000, "stream": stream}).to_string();
+    async fn hang_up_mid_request(server: &SimServer, path: &str, stream: bool) {
+        let mut body = json!({"max_tokens": 5000, "stream": stream});
+        if path.contains("chat") {
+            body["messages"] = json!([{"role": "user", "content": "tell me a long story"}]);
+        } else {
+            body["prompt"] = json!([1, 2, 3, 4]);
+        }
+        let body = body.to_string();
         let mut sock = tokio::net::TcpStream::connect(server.local_addr()).await.expect("connect");
         let head = format!(
-            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
         sock.write_all(head.as_bytes()).await.expect("send");
@@ -497,8 +640,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn client_disconnect_aborts_request() {
         let server = start().await;
-        hang_up_mid_request(&server, true).await;
-        hang_up_mid_request(&server, false).await;
+        for path in ["/v1/completions", "/v1/chat/completions"] {
+            hang_up_mid_request(&server, path, true).await;
+            hang_up_mid_request(&server, path, false).await;
+        }
         server.shutdown().await;
     }
 
