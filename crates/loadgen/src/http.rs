@@ -23,9 +23,6 @@ use crate::report::{LoadReport, RequestOutcome, RequestRate};
 use crate::schedule::{Arrival, Schedule};
 use objectives::LatencyLimits;
 
-/// Prefix-cache group id sent when requests share a prefix.
-const SHARED_PREFIX_ID: u64 = 1;
-
 /// A run that could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -190,8 +187,8 @@ impl SharedPrefix {
     }
 }
 
-/// A streaming completion request with a text prompt of `a.prompt_tokens` words (the shared
-/// prefix first), plus the simulator's `prefix_id` extension, which vLLM ignores.
+/// A streaming completion request with a text prompt of `a.prompt_tokens` words, the shared
+/// prefix first (vLLM and vllm-sim both find cache hits from the content).
 fn request_body(model: &str, a: &Arrival, seed: u64, prefix: &SharedPrefix) -> Bytes {
     let mut rng = StdRng::seed_from_u64(seed);
     let n = a.prompt_tokens as usize;
@@ -202,7 +199,7 @@ fn request_body(model: &str, a: &Arrival, seed: u64, prefix: &SharedPrefix) -> B
         text.push(' ');
     }
     text.push_str(&rest);
-    let mut body = serde_json::json!({
+    let body = serde_json::json!({
         "model": model,
         "prompt": text,
         "max_tokens": a.max_tokens,
@@ -211,10 +208,6 @@ fn request_body(model: &str, a: &Arrival, seed: u64, prefix: &SharedPrefix) -> B
         "ignore_eos": true,
         "temperature": 0.0,
     });
-    if shared > 0 {
-        body["prefix_id"] = SHARED_PREFIX_ID.into();
-        body["prefix_tokens"] = shared.into();
-    }
     Bytes::from(body.to_string())
 }
 
@@ -377,12 +370,10 @@ mod tests {
         assert_eq!(crate::prompt::count_tokens(b1["prompt"].as_str().expect("text")), 50);
         assert_eq!(b1["max_tokens"], 7);
         assert_eq!(b1["ignore_eos"], true);
-        assert_eq!(b1["prefix_tokens"], 20);
         assert_eq!(w1[..20], w2[..20]);
         assert_ne!(w1[20..], w2[20..]);
         let none = SharedPrefix::new(0, &mut StdRng::seed_from_u64(0));
         let none: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 1, &none)).expect("json");
-        assert!(none.get("prefix_id").is_none());
         assert_eq!(none["prompt"].as_str().expect("text").split(' ').count(), 50);
     }
 
