@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Capture a real vLLM's responses (raw bodies) as fixtures for vllm-sim's API-parity test:
-#   scripts/vllm-cpu/capture.sh http://127.0.0.1:8000 crates/sim/tests/fixtures/vllm-0.32.0
+#   scripts/vllm-cpu/capture.sh http://127.0.0.1:8000 tests/fixtures/vllm-0.32.0
+# The requests are tests/src/shapes.rs `cases()`: change both together.
 # Writes one file per case and status.txt ("file HTTP-status" per line).
 set -euo pipefail
 url="${1:?usage: capture.sh URL OUT_DIR}"

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{bin, free_port, get, metric, metric_sum, wait_for, Proc};
+use e2e_tests::{bin, free_port, get, metric, metric_sum, shapes, wait_for, Proc};
 
 /// The name the tests serve the model under.
 const MODEL: &str = "tiny-llama";
@@ -157,6 +157,29 @@ fn inspect_loadgen_and_vllm_bench_serve_agree_with_vllms_own_counters() {
     let dir = tempfile::tempdir().expect("tempdir");
     let vllm = Vllm::start(&vllm_bin, &model, dir.path());
     let url = vllm.url();
+
+    // The same requests to vLLM and to vllm-sim get answers of the same status and shape.
+    let sim_port = free_port();
+    let _sim = Proc::start(
+        "vllm-sim",
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &sim_port.to_string(),
+            "--served-model-name",
+            MODEL,
+            "--max-model-len",
+            "2048",
+        ],
+    );
+    let sim = SocketAddr::from(([127, 0, 0, 1], sim_port));
+    wait_for(Duration::from_secs(20), "vllm-sim /health", || get(sim, "/health").ok().filter(|r| r.status == 200));
+    for case in shapes::cases() {
+        let (status, body) = shapes::send(vllm.addr, MODEL, &case);
+        let (sim_status, sim_body) = shapes::send(sim, MODEL, &case);
+        shapes::assert_alike(case.file, (status, &body), (sim_status, &sim_body));
+    }
 
     // Exactly 40 requests of 256 prompt and 32 output tokens, the first 128 shared.
     let before = vllm.metrics();

@@ -1,34 +1,21 @@
-//! vllm-sim answers in real vLLM's shapes. The requests `scripts/vllm-cpu/capture.sh` sends to
-//! a real vLLM 0.32.0 ([`cases`]) go to an in-process vllm-sim configured like the captured
-//! server (the tiny model's name and 2048-token context); each answer must have vLLM's status
-//! (`status.txt`) and the shape (object keys, recursively; value types; arrays by their first
-//! element) of vLLM's answer in the case's file under `fixtures/vllm-0.32.0/`: the raw body, or
-//! for a stream the raw SSE text, whose framing is checked and whose first, a middle, last-content
-//! and (when asked for) usage chunks are compared.
+//! Response shapes: a JSON answer reduced to its keys and value types, SSE framing checked,
+//! and the requests `scripts/vllm-cpu/capture.sh` sends, so that vllm-sim's answers can be held
+//! against real vLLM's: recorded (`tests/fixtures/vllm-0.32.0/`) or live (`real_vllm.rs`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use sim::engine::EngineConfig;
-use sim::gpu::SimGpu;
-use sim::server::SimServer;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vllm-0.32.0")
+/// The captures of vLLM 0.32.0's answers to [`cases`] (see its README.md).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/vllm-0.32.0")
 }
 
 /// `v` reduced to its shape: each value by its type, objects key by key, arrays by their first
 /// element (an empty array stays empty).
-fn shape(v: &Value) -> Value {
+pub fn shape(v: &Value) -> Value {
     match v {
         Value::Null => json!("null"),
         Value::Bool(_) => json!("bool"),
@@ -60,21 +47,21 @@ fn shape_diff(path: &str, want: &Value, got: &Value, out: &mut String) {
             shape_diff(&format!("{path}[0]"), &w[0], &g[0], out);
         }
         _ if want != got => {
-            let _ = writeln!(out, "  {path}: vLLM {want}, vllm-sim {got}");
+            let _ = writeln!(out, "  {path}: vLLM {want}, other {got}");
         }
         _ => {}
     }
 }
 
-fn assert_same_shape(what: &str, vllm: &Value, sim: &Value) {
+pub fn assert_same_shape(what: &str, vllm: &Value, sim: &Value) {
     let mut diff = String::new();
     shape_diff("$", &shape(vllm), &shape(sim), &mut diff);
-    assert!(diff.is_empty(), "{what}: vllm-sim's shape differs from vLLM's:\n{diff}vLLM: {vllm}\nvllm-sim: {sim}");
+    assert!(diff.is_empty(), "{what}: the shape differs from vLLM's:\n{diff}vLLM: {vllm}\nother: {sim}");
 }
 
 /// The events of an SSE body, checked to be `data: <JSON>` then a blank line each, ending with
 /// `data: [DONE]`.
-fn sse_events(what: &str, body: &str) -> Vec<Value> {
+pub fn sse_events(what: &str, body: &str) -> Vec<Value> {
     assert!(body.ends_with("data: [DONE]\n\n"), "{what}: the stream does not end with `data: [DONE]` and a blank line");
     let blocks: Vec<&str> = body.split_terminator("\n\n").collect();
     let (done, events) = blocks.split_last().unwrap_or((&"", &[]));
@@ -92,7 +79,7 @@ fn sse_events(what: &str, body: &str) -> Vec<Value> {
 /// The chunks a stream's shape is judged by: the first, a middle one, the last with content
 /// (it carries the finish reason) and, when there is one, the usage chunk (no choices, last
 /// before `[DONE]`).
-fn stream_roles(what: &str, events: &[Value]) -> Vec<(&'static str, Value)> {
+pub fn stream_roles(what: &str, events: &[Value]) -> Vec<(&'static str, Value)> {
     let with_choices = |e: &&Value| e["choices"].as_array().is_some_and(|c| !c.is_empty());
     let content: Vec<&Value> = events.iter().filter(with_choices).collect();
     assert!(content.len() >= 3, "{what}: too few chunks with choices to judge ({})", content.len());
@@ -119,14 +106,14 @@ fn stream_roles(what: &str, events: &[Value]) -> Vec<(&'static str, Value)> {
 
 /// One captured request: fixture file, method, path, body (raw; `{model}` stands for the served
 /// model). Kept in step with `scripts/vllm-cpu/capture.sh`.
-struct Case {
-    file: &'static str,
-    method: &'static str,
-    path: &'static str,
-    body: String,
+pub struct Case {
+    pub file: &'static str,
+    pub method: &'static str,
+    pub path: &'static str,
+    pub body: String,
 }
 
-fn cases() -> Vec<Case> {
+pub fn cases() -> Vec<Case> {
     let case = |file, method, path, body: &str| Case { file, method, path, body: body.to_string() };
     let long = vec!["the"; 3000].join(" ");
     let chat = r#"[{"role":"user","content":"the time of day"}]"#;
@@ -201,7 +188,7 @@ fn cases() -> Vec<Case> {
 }
 
 /// vLLM's status of each case, from `status.txt` (`file status` per line).
-fn statuses(dir: &Path) -> Vec<(String, u16)> {
+pub fn statuses(dir: &Path) -> Vec<(String, u16)> {
     let path = dir.join("status.txt");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("missing {} ({e})", path.display()));
     text.lines()
@@ -212,85 +199,64 @@ fn statuses(dir: &Path) -> Vec<(String, u16)> {
         .collect()
 }
 
-/// Sends one case's request; returns status and body.
-async fn send(addr: SocketAddr, model: &str, case: &Case) -> (u16, String) {
-    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = Request::builder()
-        .method(Method::from_bytes(case.method.as_bytes()).expect("method"))
-        .uri(format!("http://{addr}{}", case.path))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(case.body.replace("{model}", model))))
-        .expect("request");
-    let resp = client.request(req).await.expect("response");
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
+/// Sends one case to `addr` (`{model}` in its body replaced by `model`): status and body.
+pub fn send(addr: SocketAddr, model: &str, case: &Case) -> (u16, String) {
+    let body = case.body.replace("{model}", model);
+    let r = crate::http(case.method, addr, case.path, (!body.is_empty()).then_some(body.as_str()))
+        .unwrap_or_else(|e| panic!("{}: {e}", case.file));
+    (r.status, r.body)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_have_the_shapes_of_real_vllm_answers() {
-    let dir = fixtures();
-    let statuses = statuses(&dir);
-    let cfg = EngineConfig { model_name: "tiny-llama".into(), max_model_len: 2048, ..EngineConfig::default() };
-    let addr: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let server = SimServer::start(cfg, Arc::new(SimGpu::h100(1)), addr).await.expect("starts");
-    let cases = cases();
-    for (file, _) in &statuses {
-        assert!(cases.iter().any(|c| c.file == file), "{file} was captured but has no case here");
-    }
-    for case in &cases {
-        let file = case.file;
-        let path = dir.join(file);
-        let recorded = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!("missing vLLM capture {} ({e}); see {}/README.md", path.display(), dir.display())
-        });
-        let want = statuses.iter().find(|(f, _)| f == file).map(|&(_, s)| s);
-        let want = want.unwrap_or_else(|| panic!("{file}: no status in status.txt"));
-        let (status, body) = send(server.local_addr(), server.model(), case).await;
-        assert_eq!(status, want, "{file}: status; vllm-sim answered {body}");
-        if file.ends_with(".sse") {
-            let vllm = sse_events(&format!("{file} (vLLM)"), &recorded);
-            let sim = sse_events(&format!("{file} (vllm-sim)"), &body);
-            let vllm = stream_roles(&format!("{file} (vLLM)"), &vllm);
-            let sim = stream_roles(&format!("{file} (vllm-sim)"), &sim);
-            let names = |r: &[(&'static str, Value)]| r.iter().map(|(n, _)| *n).collect::<Vec<&'static str>>();
-            assert_eq!(names(&sim), names(&vllm), "{file}: which chunks the stream has");
-            for ((role, v), (_, s)) in vllm.iter().zip(&sim) {
-                assert_same_shape(&format!("{file}, {role}"), v, s);
-            }
-        } else {
-            let vllm: Value = serde_json::from_str(&recorded).unwrap_or_else(|e| panic!("{file}: not JSON: {e}"));
-            let sim: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{file}: vllm-sim: not JSON: {e}"));
-            assert_same_shape(file, &vllm, &sim);
+/// `other`'s answer to `case` has vLLM's status and shape (streams: framing and the first,
+/// middle, last-content and usage chunks).
+pub fn assert_alike(file: &str, (vllm_status, vllm_body): (u16, &str), (status, body): (u16, &str)) {
+    assert_eq!(status, vllm_status, "{file}: status; vLLM answered {vllm_body}, the other {body}");
+    if file.ends_with(".sse") {
+        let vllm = sse_events(&format!("{file} (vLLM)"), vllm_body);
+        let other = sse_events(&format!("{file} (other)"), body);
+        let vllm = stream_roles(&format!("{file} (vLLM)"), &vllm);
+        let other = stream_roles(&format!("{file} (other)"), &other);
+        let names = |r: &[(&'static str, Value)]| r.iter().map(|(n, _)| *n).collect::<Vec<&'static str>>();
+        assert_eq!(names(&other), names(&vllm), "{file}: which chunks the stream has");
+        for ((role, v), (_, o)) in vllm.iter().zip(&other) {
+            assert_same_shape(&format!("{file}, {role}"), v, o);
         }
+    } else {
+        let vllm: Value = serde_json::from_str(vllm_body).unwrap_or_else(|e| panic!("{file}: vLLM: not JSON: {e}"));
+        let other: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{file}: not JSON: {e}: {body}"));
+        assert_same_shape(file, &vllm, &other);
     }
-    server.shutdown().await;
 }
 
-#[test]
-fn shapes_keep_keys_and_types_and_arrays_by_their_first_element() {
-    let v = json!({"a": [{"x": 1, "y": null}, {"z": "ignored"}], "b": "s", "c": 1.5, "d": [], "e": true});
-    assert_eq!(
-        shape(&v),
-        json!({"a": [{"x": "integer", "y": "null"}], "b": "string", "c": "float", "d": [], "e": "bool"})
-    );
-    let mut diff = String::new();
-    shape_diff("$", &shape(&json!({"a": 1, "b": [1]})), &shape(&json!({"b": ["x"], "c": 2})), &mut diff);
-    assert_eq!(
-        diff,
-        concat!(
-            "  $.a: missing (vLLM: \"integer\")\n",
-            "  $.b[0]: vLLM \"integer\", vllm-sim \"string\"\n",
-            "  $.c: not in vLLM's answer\n",
-        )
-    );
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-#[test]
-fn sse_framing_is_checked() {
-    let ok = "data: {\"a\":1}\n\ndata: [DONE]\n\n";
-    assert_eq!(sse_events("ok", ok), vec![json!({"a": 1})]);
-    for bad in ["data: {\"a\":1}\n\n", "data: {\"a\":1}\ndata: [DONE]\n\n", "event: x\n\ndata: [DONE]\n\n"] {
-        assert!(std::panic::catch_unwind(|| sse_events("bad", bad)).is_err(), "{bad:?}");
+    #[test]
+    fn shapes_keep_keys_and_types_and_arrays_by_their_first_element() {
+        let v = json!({"a": [{"x": 1, "y": null}, {"z": "ignored"}], "b": "s", "c": 1.5, "d": [], "e": true});
+        assert_eq!(
+            shape(&v),
+            json!({"a": [{"x": "integer", "y": "null"}], "b": "string", "c": "float", "d": [], "e": "bool"})
+        );
+        let mut diff = String::new();
+        shape_diff("$", &shape(&json!({"a": 1, "b": [1]})), &shape(&json!({"b": ["x"], "c": 2})), &mut diff);
+        assert_eq!(
+            diff,
+            concat!(
+                "  $.a: missing (vLLM: \"integer\")\n",
+                "  $.b[0]: vLLM \"integer\", other \"string\"\n",
+                "  $.c: not in vLLM's answer\n",
+            )
+        );
+    }
+
+    #[test]
+    fn sse_framing_is_checked() {
+        let ok = "data: {\"a\":1}\n\ndata: [DONE]\n\n";
+        assert_eq!(sse_events("ok", ok), vec![json!({"a": 1})]);
+        for bad in ["data: {\"a\":1}\n\n", "data: {\"a\":1}\ndata: [DONE]\n\n", "event: x\n\ndata: [DONE]\n\n"] {
+            assert!(std::panic::catch_unwind(|| sse_events("bad", bad)).is_err(), "{bad:?}");
+        }
     }
 }
