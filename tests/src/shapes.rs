@@ -106,6 +106,7 @@ pub fn stream_roles(what: &str, events: &[Value]) -> Vec<(&'static str, Value)> 
 
 /// One captured request: fixture file, method, path, body (raw; `{model}` stands for the served
 /// model). Kept in step with `scripts/vllm-cpu/capture.sh`.
+#[derive(Debug)]
 pub struct Case {
     pub file: &'static str,
     pub method: &'static str,
