@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{debug, info};
 
-use crate::prompt::synthetic_text;
+use crate::prompt::synthetic_words;
 use crate::report::{LoadReport, RequestOutcome, RequestRate};
 use crate::schedule::{Arrival, Schedule};
 use objectives::LatencyLimits;
@@ -92,7 +92,7 @@ pub async fn run_http(
     let client = http_client();
     let limiter = opts.max_concurrency.map(|n| Arc::new(Semaphore::new(n.max(1))));
     let mut prefix_rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f9e_f1c5);
-    let prefix = SharedPrefix::new(opts.shared_prefix_tokens, &mut prefix_rng);
+    let prefix: Vec<&'static str> = synthetic_words(opts.shared_prefix_tokens, &mut prefix_rng).collect();
 
     let start = Instant::now();
     let deadline = opts.deadline.map(|d| start + d);
@@ -170,35 +170,14 @@ fn achieved_rate(sent: u64, last_send_s: f64, infinite: bool) -> RequestRate {
     }
 }
 
-/// The words every prompt starts with when requests share a prefix.
-#[derive(Debug)]
-struct SharedPrefix {
-    words: Vec<String>,
-}
-
-impl SharedPrefix {
-    fn new(tokens: u32, rng: &mut StdRng) -> Self {
-        let text = synthetic_text(tokens, rng);
-        SharedPrefix { words: text.split(' ').filter(|w| !w.is_empty()).map(str::to_string).collect() }
-    }
-
-    fn len(&self) -> usize {
-        self.words.len()
-    }
-}
-
 /// A streaming completion request with a text prompt of `a.prompt_tokens` words, the shared
 /// prefix first (vLLM and vllm-sim both find cache hits from the content).
-fn request_body(model: &str, a: &Arrival, seed: u64, prefix: &SharedPrefix) -> Bytes {
+fn request_body(model: &str, a: &Arrival, seed: u64, prefix: &[&'static str]) -> Bytes {
     let mut rng = StdRng::seed_from_u64(seed);
-    let n = a.prompt_tokens as usize;
-    let shared = prefix.len().min(n);
-    let mut text = prefix.words[..shared].join(" ");
-    let rest = synthetic_text(u32::try_from(n - shared).unwrap_or(u32::MAX), &mut rng);
-    if !text.is_empty() && !rest.is_empty() {
-        text.push(' ');
-    }
-    text.push_str(&rest);
+    let shared = prefix.len().min(a.prompt_tokens as usize);
+    let rest = a.prompt_tokens - u32::try_from(shared).unwrap_or(a.prompt_tokens);
+    let words: Vec<&str> = prefix[..shared].iter().copied().chain(synthetic_words(rest, &mut rng)).collect();
+    let text = words.join(" ");
     let body = serde_json::json!({
         "model": model,
         "prompt": text,
@@ -359,7 +338,7 @@ mod tests {
     #[test]
     fn request_body_has_text_of_the_asked_length_and_shared_prefix() {
         let a = Arrival { at_s: 0.0, prompt_tokens: 50, max_tokens: 7 };
-        let prefix = SharedPrefix::new(20, &mut StdRng::seed_from_u64(0));
+        let prefix: Vec<&'static str> = synthetic_words(20, &mut StdRng::seed_from_u64(0)).collect();
         let b1: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 1, &prefix)).expect("json");
         let b2: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 2, &prefix)).expect("json");
         let words = |b: &serde_json::Value| -> Vec<String> {
@@ -372,8 +351,7 @@ mod tests {
         assert_eq!(b1["ignore_eos"], true);
         assert_eq!(w1[..20], w2[..20]);
         assert_ne!(w1[20..], w2[20..]);
-        let none = SharedPrefix::new(0, &mut StdRng::seed_from_u64(0));
-        let none: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 1, &none)).expect("json");
+        let none: serde_json::Value = serde_json::from_slice(&request_body("m", &a, 1, &[])).expect("json");
         assert_eq!(none["prompt"].as_str().expect("text").split(' ').count(), 50);
     }
 

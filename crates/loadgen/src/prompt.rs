@@ -21,17 +21,15 @@ pub const WORDS: [&str; 48] = [
     "first",
 ];
 
-/// Text of `tokens` tokens under [`count_tokens`]: one random word from [`WORDS`] per token, the
-/// first without a leading space.
+/// `tokens` random words from [`WORDS`]: joined by single spaces, `tokens` tokens under
+/// [`count_tokens`].
+pub fn synthetic_words<R: Rng + ?Sized>(tokens: u32, rng: &mut R) -> impl Iterator<Item = &'static str> + '_ {
+    (0..tokens).map(move |_| WORDS[rng.random_range(0..WORDS.len())])
+}
+
+/// Text of `tokens` tokens under [`count_tokens`]: [`synthetic_words`] joined by spaces.
 pub fn synthetic_text<R: Rng + ?Sized>(tokens: u32, rng: &mut R) -> String {
-    let mut s = String::with_capacity(tokens as usize * 5);
-    for i in 0..tokens {
-        if i > 0 {
-            s.push(' ');
-        }
-        s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
-    }
-    s
+    synthetic_words(tokens, rng).collect::<Vec<_>>().join(" ")
 }
 
 /// Letters per token in a long word.
