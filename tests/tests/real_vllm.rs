@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{bin, free_port, get, metric, metric_sum, shapes, wait_for, Proc};
+use e2e_tests::{bin, free_port, get, metric, metric_sum, procs_with, shapes, wait_for, Proc};
 
 /// The name the tests serve the model under.
 const MODEL: &str = "tiny-llama";
@@ -139,17 +139,6 @@ fn f(v: &serde_json::Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or_else(|| panic!("no number `{key}` in {v}"))
 }
 
-/// Processes whose command line contains `marker`.
-fn procs_with(marker: &str) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            String::from_utf8_lossy(&cmd).contains(marker)
-        })
-        .collect()
-}
-
 #[test]
 fn inspect_loadgen_and_vllm_bench_serve_agree_with_vllms_own_counters() {
     let Some((vllm_bin, model)) = installed() else { return };
@@ -245,8 +234,7 @@ fn inspect_loadgen_and_vllm_bench_serve_agree_with_vllms_own_counters() {
     ] {
         assert_eq!(seen[field]["count"].as_f64(), Some(counter(&now, name)), "{field}");
     }
-    let block = metric(&now, "vllm:cache_config_info", &[]).map(|_| ());
-    assert!(block.is_some(), "vLLM exports cache_config_info");
+    assert!(metric(&now, "vllm:cache_config_info", &[]).is_some(), "vLLM exports cache_config_info");
     assert_eq!(seen["cache"]["prefix_caching"], true, "{}", seen["cache"]);
     assert!(f(&seen["cache"], "kv_cache_tokens") >= 1e5, "a 1 GiB KV cache: {}", seen["cache"]);
     // vLLM's own mean TPOT (per request) against what loadgen measured on the client side.

@@ -6,24 +6,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e_tests::{bin, free_port, get, wait_for, Proc};
+use e2e_tests::{bin, free_port, get, procs_with, wait_for, Proc};
 use objectives::profile::CapacityProfile;
-
-/// Pids of live processes whose command line contains `marker` (zombies excluded).
-fn procs_with(marker: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let zombie = std::fs::read_to_string(e.path().join("stat"))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')));
-        if !zombie && String::from_utf8_lossy(&cmd).contains(marker) {
-            out.push(pid);
-        }
-    }
-    out
-}
 
 fn marker(tag: &str) -> String {
     format!("e2e-tune-{tag}-{}", std::process::id())
