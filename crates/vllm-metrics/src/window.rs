@@ -85,6 +85,7 @@ impl Window {
         let queries = counter(|s| s.prefix_cache_queries_total);
         let hits = counter(|s| s.prefix_cache_hits_total);
         let mean_of = |h: Option<Histogram>| h.and_then(|h| mean(&h));
+        let lat = |f: fn(&Snapshot) -> Option<&Histogram>| hist(f).map(|h| latency(&h));
         Self {
             seconds,
             counter_reset: reset,
@@ -102,14 +103,14 @@ impl Window {
             tokens_per_iteration: mean_of(hist(|s| s.iteration_tokens.as_ref())),
             mean_prompt_tokens: mean_of(hist(|s| s.prompt_tokens.as_ref())),
             mean_generation_tokens: mean_of(hist(|s| s.generation_tokens.as_ref())),
-            ttft: hist(|s| s.ttft_seconds.as_ref()).map(|h| latency(&h)),
             admission_rejections: counter(|s| s.admission_rejections_total),
-            itl: hist(|s| s.itl_seconds.as_ref()).map(|h| latency(&h)),
-            tpot: hist(|s| s.tpot_seconds.as_ref()).map(|h| latency(&h)),
-            e2e: hist(|s| s.e2e_seconds.as_ref()).map(|h| latency(&h)),
-            queue: hist(|s| s.queue_seconds.as_ref()).map(|h| latency(&h)),
-            prefill: hist(|s| s.prefill_seconds.as_ref()).map(|h| latency(&h)),
-            decode: hist(|s| s.decode_seconds.as_ref()).map(|h| latency(&h)),
+            ttft: lat(|s| s.ttft_seconds.as_ref()),
+            itl: lat(|s| s.itl_seconds.as_ref()),
+            tpot: lat(|s| s.tpot_seconds.as_ref()),
+            e2e: lat(|s| s.e2e_seconds.as_ref()),
+            queue: lat(|s| s.queue_seconds.as_ref()),
+            prefill: lat(|s| s.prefill_seconds.as_ref()),
+            decode: lat(|s| s.decode_seconds.as_ref()),
             cache: cur.cache.clone(),
         }
     }
